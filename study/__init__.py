@@ -1,0 +1,2 @@
+"""study: the Ray glue and commands (run, final, export, predict). Wiring only: the science is in
+``brainage_core``."""
