@@ -38,7 +38,7 @@ class ContrastiveModel(nn.Module):
 
     ``features(x) -> (B, feature_dim)``: the representation handed to the evaluation probes; with
     ``feature="projection"`` the L2-normalised projection (whatever ``normalize`` says, as the
-    OpenBHB protocol defines it), with ``feature="encoder"`` the encoder output (B, d).
+    brain-age challenge protocol defines it), with ``feature="encoder"`` the encoder output (B, d).
     """
 
     def __init__(
