@@ -1,0 +1,228 @@
+"""Validate a source cohort and write the prepared store (``python -m brainage_core.data prepare``).
+
+:func:`prepare` reads one of the three layouts (``readers.py``), validates every table row before
+anything is written (participant id, age, duplicate ids, split value, row without file, file
+without row), then reads one volume at a time, validates it (readable, shape/grid, finite) and
+appends it to its split's temporary array (a full cohort never sits in memory). The store becomes
+complete only when ``manifest.json`` is written, last (``store.StoreWriter``).
+
+With ``on_error="raise"`` (default) the first invalid subject stops everything with one
+``DataError`` line naming the participant, the file and what was expected; with ``"skip"`` invalid
+subjects are left out and listed in ``STORE/skipped.tsv``.
+
+Idempotence: the manifest records a fingerprint of the source (hash of the table(s), each file's
+path, size and mtime, the RAMP mask's hash) and of the options; preparing the same source with the
+same options again is a no-op. A folder without a manifest (an interrupted run) is prepared again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from brainage_core.data.readers import (
+    LAYOUTS,
+    MODALITIES,
+    QUASIRAW_GRID,
+    VolumeRejected,
+    make_reader,
+    standardise_volume,
+)
+from brainage_core.data.store import STORE_FORMAT, TMP_PREFIX, Store, StoreWriter, open_store, read_manifest
+from brainage_core.data.tables import SPLITS, Problem, row_problems
+from brainage_core.errors import BrainageError, ConfigError, DataError, StoreError
+from brainage_core.grids import GRID_NAMES
+
+log = logging.getLogger(__name__)
+
+ON_ERROR: tuple[str, ...] = ("raise", "skip")
+
+#: Leading columns of participants.parquet, in order; the source's other columns follow.
+STORE_COLUMNS: tuple[str, ...] = ("participant_id", "age", "sex", "site", "site_raw", "split", "row", "source_path")
+_INTERNAL_COLUMNS = ("age_raw", "_part", "_row")
+
+
+def _fingerprint(source_parts: dict, options: dict) -> str:
+    blob = json.dumps({"format": STORE_FORMAT, "options": options, "source": source_parts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _raise_first(problems: list[Problem]) -> None:
+    first = problems[0].message()
+    more = f" [+{len(problems) - 1} more problem(s); --on-error skip leaves them out]" if len(problems) > 1 else ""
+    raise DataError(first + more)
+
+
+def prepare(
+    source: str | Path,
+    *,
+    layout: str,
+    out: str | Path,
+    modality: str = "vbm",
+    on_error: str = "raise",
+    grid: str | None = None,
+    mask: str | Path | None = None,
+    resample: bool = False,
+    progress: bool = True,
+) -> Store:
+    """Prepare ``source`` (a cohort in ``layout``) into the store folder ``out``; return the Store.
+
+    ``grid``: target grid (``full``/``3mm``/``6mm``; None keeps the source grid, which every subject
+    must then share); finer sources are block-averaged, coarser ones rejected. ``mask``: the RAMP
+    layout's GM mask NIfTI. ``resample``: NIfTI layout, resample images on other grids by their
+    affine (nilearn) instead of rejecting them. Raises DataError (bad input), ConfigError (bad
+    option) or StoreError; on error no complete-looking store is left behind (an existing store of
+    an earlier source is kept only when nothing was written yet).
+    """
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error: {on_error!r}; expected one of {', '.join(ON_ERROR)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout: {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if modality not in MODALITIES:
+        raise ConfigError(f"modality: {modality!r}; expected one of {', '.join(MODALITIES)}")
+    if grid is not None and grid not in GRID_NAMES:
+        raise ConfigError(f"grid: {grid!r}; expected one of {', '.join(GRID_NAMES)} (or none: keep the source grid)")
+    if modality == "quasiraw" and grid is not None:
+        raise ConfigError(f"grid: {grid!r} does not apply to modality 'quasiraw' (its own 1 mm grid); expected none")
+    out = Path(out)
+    reader = make_reader(layout, source, modality=modality, mask=mask, resample=resample, target=grid)
+    scan = reader.scan()
+    options = {"layout": layout, "modality": modality, "grid": grid, "on_error": on_error, "resample": resample}
+    fingerprint = _fingerprint(scan.fingerprint, options)
+
+    manifest = read_manifest(out)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+        try:
+            store = open_store(out)
+            log.info("%s: store up to date (fingerprint %s), nothing to do", out, fingerprint[:12])
+            return store
+        except StoreError as exc:
+            log.warning("%s: damaged store (%s); preparing again", out, exc)
+
+    # -- table-level validation: nothing is written before it passes -----------------------------
+    table = scan.table
+    files = table["source_path"].copy()
+    for i, problem in scan.problems.items():
+        if not files.at[i]:
+            files.at[i] = problem.file
+    problems = {**scan.problems, **row_problems(table, files)}
+    ordered = [problems[i] for i in table.index if i in problems] + scan.orphans
+    if ordered and on_error == "raise":
+        _raise_first(ordered)
+    skipped: list[Problem] = list(ordered)
+    valid = table.drop(index=list(problems))
+
+    with StoreWriter(out) as writer:
+        manifest = read_manifest(out)  # another process may have finished it while we waited
+        if manifest is not None and manifest.get("fingerprint") == fingerprint:
+            return open_store(out)
+        if manifest is None and any(
+            p.name.startswith(TMP_PREFIX) or p.suffix in (".npy", ".parquet") for p in out.iterdir()
+        ):
+            log.warning("%s: incomplete store found (interrupted preparation); preparing again", out)
+        writer.clear()
+        target = grid
+        kept: list[tuple[int, str, int]] = []
+        source_grids: set[str] = set()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(valid), desc=f"prepare {layout}", unit="subject", disable=not progress) as bar:
+            for split in SPLITS:
+                for i in valid.index[valid["split"] == split]:
+                    pid, file = str(valid.at[i, "participant_id"]), str(valid.at[i, "source_path"])
+                    try:
+                        raw = reader.load(valid, i)
+                        volume, src = standardise_volume(raw, target=target, modality=modality)
+                        if grid is None and target is not None and src != target:
+                            raise VolumeRejected(
+                                f"grid {src} differs from the cohort's grid {target} (that of the first subject); "
+                                "expected one grid, or pass --grid to bring all subjects to one"
+                            )
+                        target = target or src
+                        row = writer.append(split, volume[None])
+                    except VolumeRejected as exc:
+                        problem = Problem(pid, file, str(exc))
+                        if on_error == "raise":
+                            raise DataError(problem.message()) from exc
+                        skipped.append(problem)
+                    else:
+                        kept.append((i, split, row))
+                        source_grids.add(src)
+                    bar.update(1)
+        if not kept:
+            detail = f"; first: {skipped[0].message()}" if skipped else ""
+            raise DataError(f"{source}: no valid subject to prepare ({len(skipped)} skipped){detail}")
+
+        index = [i for i, _, _ in kept]
+        participants = valid.loc[index].copy()
+        participants["split"] = [s for _, s, _ in kept]
+        participants["row"] = [r for _, _, r in kept]
+        participants["age"] = participants["age"].astype("float64")
+        participants = participants.drop(columns=[c for c in _INTERNAL_COLUMNS if c in participants.columns])
+        for column in ("participant_id", "sex", "site", "site_raw", "split", "source_path"):
+            participants[column] = participants[column].astype(str)
+        rest = [c for c in participants.columns if c not in STORE_COLUMNS]
+        participants = participants[list(STORE_COLUMNS) + rest].reset_index(drop=True)
+        skipped_table = pd.DataFrame(
+            [(p.participant_id, p.file, p.reason) for p in skipped], columns=["participant_id", "file", "reason"]
+        )
+        store = writer.finish(
+            participants,
+            {
+                "source": str(Path(source).resolve()),
+                "layout": layout,
+                "modality": modality,
+                "grid": target if target != QUASIRAW_GRID else QUASIRAW_GRID,
+                "fingerprint": fingerprint,
+                "source_grids": sorted(source_grids),
+                "options": options,
+                "skipped": len(skipped),
+            },
+            skipped_table,
+        )
+    if skipped:
+        log.warning("%s: %d subject(s) skipped, listed in %s/skipped.tsv", out, len(skipped), out)
+    return store
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m brainage_core.data prepare``."""
+    parser.add_argument("source", help="cohort folder (nifti layout: or its participants table)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="openbhb", help="source layout (default openbhb)")
+    parser.add_argument("--out", required=True, help="store folder to write")
+    parser.add_argument("--modality", choices=MODALITIES, default="vbm")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="raise", help="stop at the first bad subject or skip")
+    parser.add_argument("--grid", choices=GRID_NAMES, default=None, help="target grid (default: the source's)")
+    parser.add_argument("--mask", default=None, help="ramp layout: the CAT12 GM mask NIfTI")
+    parser.add_argument("--resample", action="store_true", help="nifti layout: resample other grids by affine")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sub-command; returns the exit status (1 on any input error, one line on stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        store = prepare(
+            args.source,
+            layout=args.layout,
+            out=args.out,
+            modality=args.modality,
+            on_error=args.on_error,
+            grid=args.grid,
+            mask=args.mask,
+            resample=args.resample,
+            progress=not args.no_progress,
+        )
+    except BrainageError as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{s} {store.manifest['shapes'][s][0]}" for s in store.splits)
+    print(f"{store.path}: grid {store.grid}, {sizes}; skipped {store.manifest.get('skipped', 0)}")
+    return 0
