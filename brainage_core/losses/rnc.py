@@ -1,0 +1,51 @@
+"""Rank-N-Contrast (Zha et al., "Rank-N-Contrast: learning continuous representations for
+regression", NeurIPS 2023) — beyond the seed paper.
+
+Applied to unnormalised features (no unit-norm check). Similarity is the negative L2 distance and
+d_ab = |y_a − y_b| the label distance (``../shared/docs/losses.md``)::
+
+    s_ab = −‖z_a − z_b‖₂ / τ        (τ = 2 by default)
+    L = −(1/(N(N−1))) · Σ_a Σ_{k≠a} log [ exp(s_ak) / Σ_{j≠a, d_aj ≥ d_ak} exp(s_aj) ]
+
+k is in its own denominator; no τ/τ₀ factor. Computed in O(N² log N) time and O(N²) memory: each
+anchor's row is sorted by label distance, a reversed cumulative logsumexp gives every tail sum, and a
+binary search finds each k's first tied position. Distances come from the Gram matrix; the squared
+distance is clamped away from 0 (relative to the rounding error of ‖z_a‖² + ‖z_b‖²) before the square
+root, so identical views give a finite, zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from brainage_core.losses.common import ContrastiveBatch, ContrastiveLoss
+from brainage_core.losses.ranking import AgeRanking
+
+
+def pairwise_distances(anchors: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """(n, N) Euclidean distances between the rows of ``anchors`` (n, d) and ``others`` (N, d)."""
+    anchor_sq = anchors.square().sum(dim=1, keepdim=True)
+    other_sq = others.square().sum(dim=1).unsqueeze(0)
+    squared = anchor_sq + other_sq - 2.0 * (anchors @ others.T)
+    floor = (8.0 * torch.finfo(squared.dtype).eps * (anchor_sq + other_sq)).detach()
+    floor = floor.clamp_min(torch.finfo(squared.dtype).tiny)
+    return torch.sqrt(torch.where(squared > floor, squared, floor))
+
+
+class RnCLoss(ContrastiveLoss):
+    """Rank-N-Contrast: ``loss(features (B, V, d), ages (B,) years) -> scalar``."""
+
+    requires_unit_norm = False
+
+    def __init__(self, *, temperature: float = 2.0, gather_distributed: bool | None = None) -> None:
+        super().__init__(temperature=temperature, gather_distributed=gather_distributed)
+
+    def anchor_losses(self, batch: ContrastiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        distances = pairwise_distances(batch.embeddings[batch.anchors], batch.embeddings)
+        similarities = batch.off_diagonal(-distances / self.temperature)
+        label_distances = batch.off_diagonal(batch.age_differences().abs())
+        ranking = AgeRanking(label_distances)
+        tails = ranking.tail_logsumexp(similarities)
+        log_denominators = torch.gather(tails, 1, ranking.first_position_at_least(label_distances))
+        losses = -(similarities - log_denominators).mean(dim=1)
+        return losses, torch.ones_like(losses, dtype=torch.bool)

@@ -1,0 +1,133 @@
+"""The threshold loss L^thr of the seed paper, in its two forms.
+
+Seed paper: Barbano et al., "Contrastive learning for regression in multi-site brain age prediction",
+IEEE ISBI 2023 (losses L^thr and L^exp). The common kernel-weighted form
+(``../shared/docs/losses.md``), s_ab = z_a·z_b/τ, W_ab = K(y_a − y_b)::
+
+    L = (1/N) · Σ_a −(τ/τ₀) · Σ_{k≠a} [W_ak / Σ_{t≠a} W_at] · (s_ak − log D_ak)
+
+``form="paper"`` — for anchor a and positive k, push away only the samples farther in age from a than k
+is, by more than the margin δ ≥ 0 (years)::
+
+    D_ak = exp(s_ak) + Σ_{j≠a, j≠k} 1[|y_a − y_j| > |y_a − y_k| + δ] · exp(s_aj)
+
+computed in O(N² log N) time and O(N²) memory (sort by age distance, reversed cumulative logsumexp,
+binary search for each k's cut-off).
+
+``form="reference"`` — what the paper's released code computes (one denominator per anchor)::
+
+    c_aj = #{k ∈ 1..N : W_jk < W_ja}           (kernel values as computed, ties not counted)
+    D_a  = Σ_{j≠a} c_aj · exp(s_aj − m_a),     numerator s_ak − m_a  (m_a = max_b s_ab cancels)
+
+``delta_reduction="mean"`` divides c by N (the loss shifts by −(τ/τ₀)·log N, same gradients). An anchor
+with positives and D_a = 0 (all ages equal, or V = 1 and an anchor at the extreme age for every j)
+raises :class:`LossError` naming the anchor index and its age.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from brainage_core.errors import LossError
+from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss, off_diagonal
+from brainage_core.losses.kernels import AgeKernel
+from brainage_core.losses.ranking import AgeRanking
+
+THRESHOLD_FORMS: tuple[str, ...] = ("reference", "paper")
+DELTA_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+
+
+class ThresholdLoss(KernelWeightedLoss):
+    """L^thr: ``loss(features (B, V, d) unit-norm, ages (B,) years) -> scalar``."""
+
+    def __init__(
+        self,
+        kernel: AgeKernel,
+        *,
+        form: str = "reference",
+        temperature: float = 0.1,
+        base_temperature: float = 0.07,
+        delta_reduction: str = "sum",
+        threshold_margin: float = 0.0,
+        gather_distributed: bool | None = None,
+    ) -> None:
+        super().__init__(
+            kernel=kernel,
+            temperature=temperature,
+            base_temperature=base_temperature,
+            gather_distributed=gather_distributed,
+        )
+        if form not in THRESHOLD_FORMS:
+            raise LossError(f"parameter 'form' of threshold must be one of {', '.join(THRESHOLD_FORMS)}, got {form!r}")
+        if delta_reduction not in DELTA_REDUCTIONS:
+            raise LossError(
+                f"parameter 'delta_reduction' must be one of {', '.join(DELTA_REDUCTIONS)}, got {delta_reduction!r}"
+            )
+        margin = check_margin(threshold_margin)
+        if form == "paper" and delta_reduction != "sum":
+            raise LossError(
+                f"parameter 'delta_reduction' applies to threshold form 'reference' only, got {delta_reduction!r} "
+                "with form 'paper'"
+            )
+        if form == "reference" and margin != 0:
+            raise LossError(
+                f"parameter 'threshold_margin' applies to threshold form 'paper' only, got {threshold_margin!r} "
+                "with form 'reference'"
+            )
+        self.form = form
+        self.delta_reduction = delta_reduction
+        self.threshold_margin = float(margin)
+
+    def log_denominators(
+        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        off = batch.off_diagonal(similarities)
+        if self.form == "paper":
+            return off, self._paper_log_denominators(batch, off)
+        return off, self._reference_log_denominators(batch, off)
+
+    def _paper_log_denominators(self, batch: ContrastiveBatch, similarities: torch.Tensor) -> torch.Tensor:
+        distances = batch.off_diagonal(batch.age_differences().abs())
+        ranking = AgeRanking(distances)
+        tails = ranking.tail_logsumexp(similarities)
+        cut = ranking.first_position_above(distances + self.threshold_margin)
+        return torch.logaddexp(similarities, torch.gather(tails, 1, cut))
+
+    def _reference_log_denominators(self, batch: ContrastiveBatch, similarities: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            all_weights = self.kernel(batch.ages.unsqueeze(1) - batch.ages.unsqueeze(0))  # (N, N), row j: W_j·
+            sorted_rows = torch.sort(all_weights, dim=1).values
+            # counts[j, a] = #{k : W_jk < W_ja}; row j against its own sorted row
+            counts = torch.searchsorted(sorted_rows, all_weights, right=False).T.to(all_weights.dtype)  # (a, j)
+            if self.delta_reduction == "mean":
+                counts = counts / batch.size
+            every = torch.arange(batch.size, device=counts.device)
+            empty = (off_diagonal(counts, every).sum(dim=1) == 0) & (
+                off_diagonal(all_weights, every).sum(dim=1) > 0
+            )
+            if bool(empty.any()):
+                anchor = int(empty.nonzero()[0, 0])
+                raise LossError(
+                    f"parameter 'ages': threshold (form 'reference') has an empty denominator D_a = 0 for anchor "
+                    f"{anchor} (subject {anchor % batch.subjects}, view {anchor // batch.subjects}, age "
+                    f"{float(batch.ages[anchor]):g}): no sample j has a sample farther from it than the anchor "
+                    "(all ages equal, or V = 1 with an extreme age); use varied ages or form 'paper'"
+                )
+            log_counts = batch.off_diagonal(torch.log(counts[batch.anchors]))
+            # anchors without positives are left out of the mean; keep their terms finite
+            no_count = torch.isneginf(log_counts).all(dim=1, keepdim=True)
+            log_counts = torch.where(no_count, torch.zeros_like(log_counts), log_counts)
+        return torch.logsumexp(similarities + log_counts, dim=1, keepdim=True)
+
+
+def check_margin(value: float) -> float:
+    """Return the margin δ (years) as a float, or raise :class:`LossError` unless finite and ≥ 0."""
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise LossError(f"parameter 'threshold_margin' must be a number ≥ 0 (years), got {value!r}") from None
+    if not math.isfinite(margin) or margin < 0:
+        raise LossError(f"parameter 'threshold_margin' must be finite and ≥ 0 (years), got {value!r}")
+    return margin
