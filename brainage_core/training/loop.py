@@ -1,0 +1,493 @@
+"""The training loop: one function, :func:`train`, whoever drives it (the CLI, Ray Train, a test).
+
+One epoch on each rank: the rank's shard of the training subjects in batches of
+``training.batch_size / world_size``; each float16 batch goes to the device and becomes float32; every
+subject is seen in ``training.views`` views, each drawn by the device-side augmentations
+(:class:`~brainage_core.data.augment.DeviceAugment`); the views go through the model together and the
+outputs are stacked ``(B, V, d)`` for a contrastive loss, while ``l1``/``mse`` train the regression head
+on one view. Optional bf16 autocast, gradient clipping, a per-epoch LR schedule
+(:mod:`~brainage_core.training.schedules`).
+
+Every ``evaluation.eval_every`` epochs and at the last epoch, rank 0 evaluates
+(:class:`~brainage_core.evaluation.Evaluator`), appends the metrics to ``out_dir/metrics.jsonl``,
+writes a full checkpoint to ``out_dir/checkpoint/`` (:mod:`~brainage_core.training.checkpoint`), and
+calls ``callback(metrics, checkpoint_dir)``. The other ranks wait, receive the same metrics and call
+``callback(metrics, None)`` (so a callback can call a collective such as Ray Train's ``report``).
+Rank 0 also appends one line per epoch to ``out_dir/train_log.jsonl`` (``epoch``, ``train_loss``,
+``lr``, ``epoch_s``, ``steps``).
+
+Random state: everything is seeded from ``training.seed`` (model initialisation identical on every
+rank; per-rank offsets for the augmentation and global generators); evaluation runs between a capture
+and a restore of the RNG state, so how often one evaluates never changes the training trajectory. A
+resumed run restores every RNG state of every rank and reads the same batches, so it continues exactly
+as an uninterrupted run would (on the CPU; CUDA kernels are not all deterministic).
+
+Test-only fault injection (used by the study runner's tests to simulate a dying worker; never set it
+in real runs): with ``BRAINAGE_FAULT_KILL_AT_EPOCH=k`` the process sends itself SIGKILL at the start of
+epoch ``k``; ``BRAINAGE_FAULT_RANK=r`` restricts this to rank ``r``; with
+``BRAINAGE_FAULT_ONCE_FILE=path`` it fires only if ``path`` does not exist, and creates it first (so the
+restarted worker survives).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from brainage_core.errors import ConfigError, NonFiniteLossError
+from brainage_core.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    LATEST_DIR,
+    capture_rng_state,
+    json_safe,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from brainage_core.training.distributed import (
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    local_rank,
+    make_sampler,
+    unwrap_model,
+    wrap_model,
+)
+from brainage_core.training.schedules import build_optimizer, build_scheduler
+
+log = logging.getLogger("brainage_core.training")
+
+#: environment variables of the test-only fault injection (see the module docstring)
+FAULT_KILL_AT_EPOCH = "BRAINAGE_FAULT_KILL_AT_EPOCH"
+FAULT_RANK = "BRAINAGE_FAULT_RANK"
+FAULT_ONCE_FILE = "BRAINAGE_FAULT_ONCE_FILE"
+
+METRICS_FILE = "metrics.jsonl"
+TRAIN_LOG_FILE = "train_log.jsonl"
+SUPERVISED = ("l1", "mse")
+
+Callback = Callable[[dict[str, Any], "Path | None"], None]
+
+__all__ = ["METRICS_FILE", "TRAIN_LOG_FILE", "build_training_model", "resolve_device", "train"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_config(config: Any):
+    from brainage_core.config import ExperimentConfig, config_from_dict
+
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    raise ConfigError(f"train(config=...): found {type(config).__name__}: expected an ExperimentConfig or a dict")
+
+
+def resolve_device(name: str | torch.device | None, *, world_size: int = 1) -> torch.device:
+    """The training device: ``auto`` -> CUDA if available else CPU; CUDA under DDP -> ``cuda:LOCAL_RANK``."""
+    if isinstance(name, torch.device):
+        return name
+    name = name or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device = 'cuda': no CUDA device is available; expected 'auto' or 'cpu'")
+        return torch.device("cuda", local_rank() if world_size > 1 else torch.cuda.current_device())
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def build_training_model(cfg, *, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """The bare model an experiment config trains (contrastive head unnormalised for ``rnc``).
+
+    ``sync_batchnorm`` is only meaningful under DDP (the loop passes ``model.sync_batchnorm`` when
+    ``world_size > 1``); the state dict is the same either way.
+    """
+    from brainage_core.models import build_model
+
+    return build_model(
+        cfg.model.backbone,
+        cfg.model.head,
+        base_width=cfg.model.base_width,
+        feature=cfg.model.feature,
+        normalize=cfg.loss.method != "rnc",
+        sync_batchnorm=bool(sync_batchnorm),
+    )
+
+
+def _training_dataset(store, cfg) -> tuple[Dataset, Any]:
+    """The training subjects per ``training.train_on`` and the validation split (rows of ``train``)."""
+    from brainage_core.data.dataset import StoreDataset
+    from brainage_core.evaluation import make_validation_split
+
+    ev = cfg.evaluation
+    split = make_validation_split(
+        store.table("train"),
+        internal_frac=ev.val_internal_frac,
+        external_frac=ev.val_external_frac,
+        seed=ev.val_seed,
+    )
+    train_on = cfg.training.train_on
+    if train_on == "train_minus_val":
+        return StoreDataset(store, "train", rows=list(split.train_rows)), split
+    if train_on == "train":
+        return StoreDataset(store, "train"), split
+    if train_on == "all":
+        return ConcatDataset([StoreDataset(store, name) for name in store.splits]), split
+    raise ConfigError(f"training.train_on = {train_on!r}: expected train_minus_val, train or all")
+
+
+def _make_evaluator(store, cfg, split):
+    from brainage_core.evaluation import Evaluator
+
+    return Evaluator(store, cfg.evaluation, train_on=cfg.training.train_on, split=split)
+
+
+def _maybe_inject_fault(epoch: int, rank: int) -> None:
+    """Test-only: SIGKILL this process at the start of epoch ``BRAINAGE_FAULT_KILL_AT_EPOCH``."""
+    at = os.environ.get(FAULT_KILL_AT_EPOCH)
+    if not at or int(at) != epoch:
+        return
+    only_rank = os.environ.get(FAULT_RANK)
+    if only_rank not in (None, "") and int(only_rank) != rank:
+        return
+    once = os.environ.get(FAULT_ONCE_FILE)
+    if once:
+        once_path = Path(once)
+        if once_path.exists():
+            return
+        once_path.parent.mkdir(parents=True, exist_ok=True)
+        once_path.write_text(f"killed rank {rank} at epoch {epoch}\n")
+    log.warning("fault injection: killing rank %d (pid %d) at the start of epoch %d", rank, os.getpid(), epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+def _truncate_jsonl(path: Path, last_epoch: int) -> None:
+    """Keep the lines of ``path`` whose ``epoch`` <= ``last_epoch`` (all lines are dropped when 0)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _format_epoch_line(epochs: int, record: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> str:
+    width = len(str(epochs))
+    line = (
+        f"epoch {record['epoch']:>{width}}/{epochs}  loss {record['train_loss']:.4f}  lr {record['lr']:.2e}  "
+        f"{record['epoch_s']:.1f} s"
+    )
+    if metrics:
+        shown = []
+        for key in ("val_mae_int", "val_mae_ext", "val_bacc", "val_lc", "test_mae_int", "test_mae_ext", "test_bacc"):
+            value = metrics.get(key)
+            if isinstance(value, (int, float)):
+                shown.append(f"{key} {value:.3f}")
+        if metrics.get("leaked"):
+            shown.append("LEAKED")
+        line += "  | " + "  ".join(shown) + f"  (eval {metrics.get('eval_s', 0.0):.1f} s)"
+    return line
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(
+    config: Any,
+    out_dir: str | Path,
+    *,
+    callback: Callback | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device | None = None,
+    resume_from: str | Path | None = None,
+    keep_checkpoints: int = 1,
+) -> dict[str, Any]:
+    """Train ``config`` (an ``ExperimentConfig`` or its dict) and return the last evaluation's metrics.
+
+    - ``out_dir``: where rank 0 writes ``metrics.jsonl``, ``train_log.jsonl`` and ``checkpoint/``.
+    - ``callback(metrics, checkpoint_dir)``: called at every evaluation epoch on every rank, after the
+      checkpoint is written; ``checkpoint_dir`` is the folder on rank 0 and None elsewhere. The folder
+      is replaced at the next evaluation: copy it if you keep it (Ray Train's report does).
+    - ``rank``/``world_size``: this process in an already-initialised process group (created by the
+      caller); with ``world_size > 1`` the model is wrapped in DistributedDataParallel, each rank reads
+      its shard, and ``training.batch_size`` is the global batch (must divide by ``world_size``).
+    - ``device``: overrides ``training.device``.
+    - ``resume_from``: a checkpoint folder (or an output folder holding ``checkpoint/``): restores model,
+      optimizer, scheduler, epoch and RNG states and continues at the next epoch. When nothing is left to
+      train, the stored metrics are reported again through ``callback`` and returned.
+    - ``keep_checkpoints``: how many checkpoint folders to keep in ``out_dir`` (1: only ``checkpoint/``;
+      older ones are kept as ``checkpoint-epochNNNN/``).
+
+    Metrics: ``epoch`` (completed epochs), ``train_loss`` (mean loss of that epoch over steps and
+    ranks), ``lr`` (of that epoch), the evaluator's ``val_*``/``test_*`` and ``leaked``, ``eval_s``,
+    ``epoch_s`` and ``wall_s`` (training + evaluation seconds since the start, resumes included).
+    Raises :class:`NonFiniteLossError` naming epoch, step and value when a loss is NaN or infinite.
+    """
+    from brainage_core.data.augment import DeviceAugment
+    from brainage_core.data.sources import resolve_store
+    from brainage_core.losses import build_loss
+
+    cfg = _as_config(config)
+    tcfg = cfg.training
+    out_dir = Path(out_dir)
+    device = resolve_device(device if device is not None else tcfg.device, world_size=world_size)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if tcfg.batch_size % world_size:
+        raise ConfigError(
+            f"training.batch_size = {tcfg.batch_size}: the global batch must divide by the {world_size} ranks"
+        )
+    local_batch = tcfg.batch_size // world_size
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Seed before building anything: identical model initialisation on every rank.
+    torch.manual_seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    random.seed(tcfg.seed)
+
+    store = resolve_store(cfg.data)
+    dataset, split = _training_dataset(store, cfg)
+    per_rank = len(dataset) // world_size
+    if per_rank < local_batch:
+        raise ConfigError(
+            f"training.batch_size = {tcfg.batch_size}: only {len(dataset)} training subjects "
+            f"({per_rank} per rank) for a per-rank batch of {local_batch} (training.train_on = {tcfg.train_on!r}, "
+            f"store {store.path}); expected a smaller batch or more subjects"
+        )
+
+    method = cfg.loss.method
+    supervised = method in SUPERVISED
+    views = 1 if supervised else tcfg.views
+    model = build_training_model(cfg, sync_batchnorm=cfg.model.sync_batchnorm and world_size > 1).to(device)
+    memory_format = torch.channels_last_3d if cfg.model.channels_last else torch.contiguous_format
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.schedule, tcfg.epochs)
+    loss_fn = build_loss(method, **cfg.loss.build_kwargs(), gather_distributed=world_size > 1)
+    augment = DeviceAugment(grid=store.grid, **_augment_kwargs(tcfg.augment))
+
+    # Per-rank random streams (the DataLoader's draws its workers' base seed; the augmentation's is on
+    # the device). Global generators get a per-rank offset after the model is built.
+    loader_gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
+    aug_gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + 500 + rank)
+    generators = {"loader": loader_gen, "augment": aug_gen}
+    if rank:
+        torch.manual_seed(tcfg.seed * 1000 + rank)
+        np.random.seed(tcfg.seed * 1000 + rank)
+        random.seed(tcfg.seed * 1000 + rank)
+
+    start_epoch = 0
+    wall_offset = 0.0
+    last_metrics: dict[str, Any] = {}
+    resumed_dir: Path | None = None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        resumed_dir = Path(state["path"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        wall_offset = float(state.get("wall_s", 0.0))
+        last_metrics = dict(state.get("metrics") or {})
+        rng_states = state.get("rng") or []
+        if int(state.get("world_size", 1)) == world_size and rank < len(rng_states):
+            restore_rng_state(rng_states[rank], generators)
+        else:
+            log.warning(
+                "checkpoint %s was written by %s rank(s), this run has %d: random streams re-seeded, the run "
+                "will not replay an uninterrupted one exactly",
+                resumed_dir, state.get("world_size"), world_size,
+            )
+        _warn_config_changes(state.get("config") or {}, cfg.to_dict())
+        log.info("resuming from %s at epoch %d", resumed_dir, start_epoch + 1)
+    if rank == 0:
+        _truncate_jsonl(out_dir / METRICS_FILE, start_epoch)
+        _truncate_jsonl(out_dir / TRAIN_LOG_FILE, start_epoch)
+
+    if start_epoch >= tcfg.epochs:
+        log.info("nothing left to train (checkpoint at epoch %d of %d): reporting its metrics",
+                 start_epoch, tcfg.epochs)
+        if callback is not None:
+            callback(dict(last_metrics), resumed_dir if rank == 0 else None)
+        return last_metrics
+
+    compiled = torch.compile(model) if cfg.model.compile else model
+    net = wrap_model(compiled, device, world_size=world_size)
+    sampler = make_sampler(dataset, rank=rank, world_size=world_size, seed=tcfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=local_batch,
+        sampler=sampler,
+        num_workers=tcfg.loader_workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        generator=loader_gen,
+    )
+    evaluator = _make_evaluator(store, cfg, split) if rank == 0 else None
+    bf16 = bool(tcfg.bf16)
+    non_blocking = device.type == "cuda"
+    eval_every = cfg.evaluation.eval_every
+    t_start = time.perf_counter()
+
+    for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+        _maybe_inject_fault(epoch, rank)
+        t_epoch = time.perf_counter()
+        net.train()
+        sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        steps = 0
+        for step, (volumes, ages, _sites) in enumerate(loader, start=1):
+            x = volumes.to(device, non_blocking=non_blocking).float()
+            y = ages.to(device, non_blocking=non_blocking).float()
+            if views == 1:
+                batch = augment(x, generator=aug_gen)
+            else:
+                batch = torch.cat([augment(x, generator=aug_gen) for _ in range(views)], dim=0)
+            batch = batch.contiguous(memory_format=memory_format)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = net(batch)
+            if supervised:
+                loss = loss_fn(out.float(), y)
+            else:
+                features = out.float().reshape(views, x.shape[0], -1).transpose(0, 1)  # (B, V, d)
+                loss = loss_fn(features, y)
+            global_loss = all_reduce_mean(loss.detach())
+            if not torch.isfinite(global_loss).item():
+                raise NonFiniteLossError(
+                    f"non-finite training loss at epoch {epoch}, step {step}: {loss.item()} on rank {rank}"
+                    + (f" (mean over ranks {global_loss.item()})" if world_size > 1 else "")
+                    + f"; loss.method={method!r}, optimizer.lr={cfg.optimizer.lr:g}: expected a finite value "
+                    "(lower the learning rate, enable training.grad_clip or check the data)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            loss_sum += global_loss.double()
+            steps += 1
+        scheduler.step()
+        train_loss = (loss_sum / max(steps, 1)).item()
+        epoch_s = time.perf_counter() - t_epoch
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "epoch_s": epoch_s, "steps": steps}
+        if rank == 0:
+            _append_jsonl(out_dir / TRAIN_LOG_FILE, json_safe(record))
+
+        if epoch % eval_every and epoch != tcfg.epochs:
+            if rank == 0:
+                log.info(_format_epoch_line(tcfg.epochs, record, None))
+            continue
+
+        # Evaluation epoch: every rank captures its RNG state (evaluation must not move it).
+        rng_state = capture_rng_state(generators)
+        rng_states = all_gather_objects(rng_state)
+        metrics: dict[str, Any] | None = None
+        checkpoint_dir: Path | None = None
+        if rank == 0:
+            t_eval = time.perf_counter()
+            bare = unwrap_model(net)
+            bare.eval()
+            evaluation = evaluator.evaluate(bare, device)
+            bare.train()
+            eval_s = time.perf_counter() - t_eval
+            metrics = json_safe(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    **evaluation,
+                    "epoch_s": epoch_s,
+                    "eval_s": eval_s,
+                    "wall_s": wall_offset + time.perf_counter() - t_start,
+                }
+            )
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "model": unwrap_model(net).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": None,
+                "rng": rng_states,
+                "world_size": world_size,
+                "config": cfg.to_dict(),
+                "metrics": metrics,
+                "wall_s": metrics["wall_s"],
+            }
+            checkpoint_dir = _save_latest(state, out_dir, keep_checkpoints)
+            _append_jsonl(out_dir / METRICS_FILE, metrics)
+            log.info(_format_epoch_line(tcfg.epochs, record, metrics))
+        restore_rng_state(rng_state, generators)
+        metrics = broadcast_object(metrics)
+        barrier()
+        last_metrics = metrics
+        if callback is not None:
+            callback(dict(metrics), checkpoint_dir)
+    return last_metrics
+
+
+def _augment_kwargs(augment_cfg: Any) -> dict[str, bool]:
+    return {key: bool(getattr(augment_cfg, key)) for key in ("crop", "cutout", "zscore")}
+
+
+def _save_latest(state: Mapping[str, Any], out_dir: Path, keep: int) -> Path:
+    """Write ``out_dir/checkpoint/``; with ``keep > 1`` the previous one becomes ``checkpoint-epochNNNN/``."""
+    latest = out_dir / LATEST_DIR
+    keep_as = None
+    if keep > 1 and (latest / "checkpoint.pt").is_file():
+        previous = load_checkpoint(latest)["epoch"]
+        keep_as = out_dir / f"{LATEST_DIR}-epoch{int(previous):04d}"
+    folder = save_checkpoint(state, latest, keep_previous_as=keep_as)
+    if keep > 1:
+        older = sorted(out_dir.glob(f"{LATEST_DIR}-epoch*"))
+        for stale in older[: max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(stale)
+    return folder
+
+
+def _warn_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
+    """Log the keys whose value differs between the checkpoint's config and this run's."""
+    changed = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
+            changed.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(saved, current, prefix)
+    if changed:
+        log.warning("resuming with a changed configuration: %s", "; ".join(changed))
