@@ -78,6 +78,12 @@ def _file_stat(path: Path, root: Path) -> list[Any]:
     return [name, st.st_size, st.st_mtime_ns]
 
 
+def _why(exc: BaseException) -> str:
+    """One-line, bounded description of a library exception for our messages."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}{'…' if len(text) > 160 else ''}"
+
+
 def _bare_id(participant_id: str) -> str:
     return participant_id[4:] if participant_id.startswith("sub-") else participant_id
 
@@ -199,7 +205,7 @@ class OpenBHBReader(Reader):
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:  # truncated/corrupt .npy raise ValueError, OSError, EOFError...
-            raise VolumeRejected(f"unreadable or truncated .npy ({type(exc).__name__}: {exc})") from exc
+            raise VolumeRejected(f"unreadable or truncated .npy ({_why(exc)}); expected a complete .npy array") from exc
         if not isinstance(array, np.ndarray):
             raise VolumeRejected("not a single .npy array; expected one array per file")
         return array
@@ -231,7 +237,7 @@ class RampReader(Reader):
         try:
             data = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
         except Exception as exc:
-            raise DataError(f"{path}: unreadable mask NIfTI ({type(exc).__name__}: {exc})") from exc
+            raise DataError(f"{path}: unreadable mask ({_why(exc)}); expected a NIfTI GM mask") from exc
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != 3 or grid_of_shape(data.shape) is None:
@@ -245,7 +251,9 @@ class RampReader(Reader):
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
-            raise DataError(f"{path}: unreadable or truncated flat array ({type(exc).__name__}: {exc})") from exc
+            raise DataError(
+                f"{path}: unreadable or truncated ({_why(exc)}); expected a complete 2-D .npy array"
+            ) from exc
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
             raise DataError(f"{path}: found {array.dtype} {array.shape}; expected a 2-D float array (subjects, values)")
         if array.shape[1] < self.n_vbm:
@@ -303,7 +311,7 @@ class RampReader(Reader):
         try:
             flat = np.asarray(self._arrays[part][row, : self.n_vbm])
         except Exception as exc:
-            raise VolumeRejected(f"unreadable flat-array row ({type(exc).__name__}: {exc})") from exc
+            raise VolumeRejected(f"unreadable flat-array row ({_why(exc)}); expected a readable row") from exc
         volume = np.zeros(self.mask.shape, dtype=np.float64 if flat.dtype == np.float64 else np.float32)
         volume[self.mask] = flat  # C order of the mask, as numpy boolean indexing / nilearn unmask
         return volume
@@ -407,7 +415,7 @@ class NiftiReader(Reader):
         except VolumeRejected:
             raise
         except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-            raise VolumeRejected(f"unreadable or truncated NIfTI ({type(exc).__name__}: {exc})") from exc
+            raise VolumeRejected(f"unreadable or truncated NIfTI ({_why(exc)}); expected a complete image") from exc
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         return data

@@ -99,7 +99,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except DataError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types; report them all the same way
-        raise DataError(f"{path}: unreadable participants table ({type(exc).__name__}: {exc})") from exc
+        why = " ".join(str(exc).split())[:160]
+        raise DataError(
+            f"{path}: unreadable participants table ({type(exc).__name__}: {why}); expected tsv/csv/parquet"
+        ) from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(
@@ -175,7 +178,7 @@ def row_problems(table: pd.DataFrame, files: pd.Series) -> dict[int, Problem]:
             rows = ", ".join(str(r) for r in table.index[table["participant_id"] == pid])
             reason = f"duplicate participant_id (table rows {rows}); expected each id once"
         elif _label(raw) == "":
-            reason = f"age is missing; expected a number of years in [{lo:g}, {hi:g}]"
+            reason = f"age is missing (empty or NaN); expected a number of years in [{lo:g}, {hi:g}]"
         elif not np.isfinite(age):
             reason = f"age {raw!r} is not a finite number; expected years in [{lo:g}, {hi:g}]"
         elif not lo <= age <= hi:
