@@ -416,7 +416,9 @@ def _choice(d: Mapping[str, Any], key: str, default: str, choices: Iterable[str]
     return v
 
 
-def _parse_study(d: Mapping[str, Any], config: cfgmod.ExperimentConfig, params: list[Param], source: str) -> StudySettings:
+def _parse_study(
+    d: Mapping[str, Any], config: cfgmod.ExperimentConfig, params: list[Param], source: str
+) -> StudySettings:
     where = f"{source}: study"
     _check_keys(d, _STUDY_KEYS, where)
     searcher = _choice(d, "searcher", "tpe", SEARCHERS, where)

@@ -1,0 +1,98 @@
+"""Starting (or joining) Ray for a study, with the dashboard on 127.0.0.1 and token auth left on.
+
+- With ``RAY_ADDRESS`` set (or Ray already initialised in this process, as in tests), the study joins
+  that cluster and uses its resources as they are.
+- Otherwise a local Ray is started with ``num_cpus = max(cpu count, CPUs one wave of trials needs)``:
+  a logical over-commit, because each trial process needs 1 CPU besides its Train workers, which
+  would otherwise leave 2 DDP workers unschedulable on a 2-core machine (see ray-notes.md).
+- The dashboard is kept ON and bound to 127.0.0.1 (with it off, stopped trials left worker CPUs
+  reserved in this Ray version). Ray's token authentication stays as Ray sets it (on by default):
+  :func:`auth_token_location` says where the token is so a browser or ``curl -H "Authorization:
+  Bearer ..."`` can use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from study.space import Resources
+
+__all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "start_ray", "DEFAULT_ENV"]
+
+#: environment that makes Ray quieter and more robust on small machines (set only when unset)
+DEFAULT_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # A Train worker group that cannot start turns into an error after this, not an endless retry.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+}
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    dashboard_url: str | None
+    started_here: bool
+    num_cpus: float
+    auth: str
+
+
+def cpus_per_trial(resources: Resources) -> float:
+    """Logical CPUs one trial holds: the trial process (1) plus its Train workers when num_workers > 1;
+    in-trial training (num_workers == 1) runs in the trial process with ``cpus_per_worker``."""
+    if resources.num_workers == 1:
+        return resources.cpus_per_worker
+    return 1.0 + resources.num_workers * resources.cpus_per_worker
+
+
+def auth_token_location() -> str:
+    """Where Ray's dashboard/API token is (or that auth is disabled)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":
+        return "token authentication disabled (RAY_AUTH_MODE=disabled)"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "token in the RAY_AUTH_TOKEN environment variable"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return f"token in {path} (send 'Authorization: Bearer <token>')"
+
+
+def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, str] | None = None) -> RayInfo:
+    """Initialise Ray for a study (see the module docstring); prints nothing.
+
+    ``env``: environment variables every trial and Train worker of this job gets (a job-level
+    ``runtime_env``), e.g. the data cache folder; ignored when Ray is already initialised here.
+    """
+    runtime_env = {"env_vars": dict(env)} if env else None
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        try:  # the dashboard of the Ray this process already joined (private API: best effort)
+            url = ray._private.worker.global_worker.node.webui_url
+        except AttributeError:
+            url = None
+        return RayInfo(_url(url), False, ray.cluster_resources().get("CPU", 0.0), auth_token_location())
+    if os.environ.get("RAY_ADDRESS"):
+        context = ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING,
+                           runtime_env=runtime_env)
+        return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),
+                       auth_token_location())
+    needed = cpus_per_trial(resources) * max_concurrent_trials
+    num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    num_gpus = None
+    context = ray.init(
+        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING, runtime_env=runtime_env,
+    )
+    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location())
+
+
+def _url(url: str | None) -> str | None:
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"

@@ -1,0 +1,304 @@
+"""Run a hyper-parameter study: ``python study/run.py SPACE.yaml [a.b=c ...] [--name N] [--storage DIR] [--resume]``.
+
+The study folder is ``<storage>/<name>/`` (``--storage`` defaults to ``./studies``, ``--name`` to the
+YAML's file stem, so ``--resume`` finds a study by the same command). It holds ``space.yaml`` (the
+input), ``config.yaml`` (the resolved configuration: base experiment, search block, study settings,
+overrides), ``optuna.db`` (the Optuna study, sqlite), ``results.parquet`` (one row per trial and
+evaluation, see :mod:`study.results`), ``tune/`` (Ray Tune's experiment folder: trial folders,
+TensorBoard logs, in-trial checkpoints), ``train_runs/`` (the Ray Train runs of DDP trials and their
+checkpoints) and ``trials/<trial id>/`` (each trial's metrics.jsonl and train_log.jsonl).
+
+Flow: validate the YAML (:mod:`study.space`), prepare the data store once
+(``brainage_core.data.sources.resolve_store``), start Ray (:mod:`study.ray_runtime`), run Tune with
+Optuna + ASHA (:mod:`study.searcher`) over the trainable of :mod:`study.trial`, writing
+``results.parquet`` from a driver callback and printing a progress table.
+
+``--resume`` restores Tune's experiment (unfinished and errored trials resume from their checkpoints,
+finished ones are not re-run) with the same Optuna storage; the existing ``results.parquet`` rows are
+kept.
+
+Test-only hook: ``BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS=n`` makes the driver SIGKILL itself after
+writing its n-th result row (simulates a crashed driver; never set it in real runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from brainage_core.errors import BrainageError, ConfigError
+from study.space import SearchSpace, load_search_space
+
+__all__ = ["main", "run_study", "StudyCallback", "FAULT_KILL_DRIVER_AFTER_RESULTS"]
+
+FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
+#: environment variables forwarded to every trial and worker (job-level runtime_env)
+FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("space", help="search-space YAML (see search_spaces/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides a.b=c (study.* keys set the study block)")
+    p.add_argument("--name", help="study name (default: the YAML's file stem)")
+    p.add_argument("--storage", default="studies", help="folder holding the studies (default: ./studies)")
+    p.add_argument("--resume", action="store_true", help="continue the killed or interrupted study of that name")
+    return p.parse_args(argv)
+
+
+def resolved_config(space: SearchSpace, overrides: Sequence[str]) -> dict[str, Any]:
+    """What ``config.yaml`` holds."""
+    search = {k: v for k, v in (yaml.safe_load(Path(space.source).read_text()) or {}).get("search", {}).items()}
+    return {**space.config.to_dict(), "search": search, "study": space.study.to_dict(), "overrides": list(overrides)}
+
+
+def _prepare_folder(study_dir: Path, space_path: Path, config: dict[str, Any], resume: bool) -> None:
+    config_path = study_dir / "config.yaml"
+    if resume:
+        if not config_path.exists():
+            raise ConfigError(f"--resume: no study in {study_dir} (no config.yaml): run without --resume first")
+        before = yaml.safe_load(config_path.read_text())
+        if before != config:
+            changed = sorted(_diff(before, config))
+            raise ConfigError(f"--resume: {space_path} and overrides differ from {config_path} at "
+                              f"{', '.join(changed[:5])}: expected the command that started the study")
+        return
+    if (study_dir / "tune").exists() or config_path.exists():
+        raise ConfigError(f"study folder {study_dir} already holds a study: add --resume to continue it, or choose "
+                          f"another --name / --storage")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "space.yaml").write_text(space_path.read_text())
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix[:-1]]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _make_callback_class():
+    from ray.tune import Callback
+
+    class StudyCallbackImpl(Callback):
+        """Driver-side: results.parquet rows, trial statuses, the progress table, the driver fault hook.
+
+        Holds only picklable settings (Tune pickles callbacks into its experiment); the table and the
+        static columns are (re)built in ``setup``, so a restored study continues the existing file.
+        """
+
+        def __init__(self, study_dir: str, space: SearchSpace, store_path: str):
+            self.study_dir = study_dir
+            self.space = space
+            self.store_path = store_path
+            self.table = None
+            self.written = 0
+            self.started = time.time()
+
+        def setup(self, **info: Any) -> None:
+            from brainage_core.data.store import open_store
+            from study.results import ResultsTable, git_commit, package_versions
+
+            static = {"store_fingerprint": open_store(self.store_path).fingerprint, "git_commit": git_commit(),
+                      "versions": package_versions()}
+            self.table = ResultsTable(Path(self.study_dir) / "results.parquet", param_keys=self.space.keys,
+                                      static=static, resume=True)
+            self.written = 0
+            self.started = time.time()
+
+        def _params(self, trial: Any) -> dict[str, Any]:
+            return self.space.overrides(trial.config)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if "epoch" not in result:
+                return
+            from ray.tune.result import AUTO_RESULT_KEYS
+
+            metrics = {k: v for k, v in result.items()
+                       if k not in AUTO_RESULT_KEYS and k not in ("config", "done", "should_checkpoint")
+                       and not isinstance(v, dict | list)}
+            seed = int(self.space.trial_dict(trial.config).get("training", {}).get("seed", 0) or 0)
+            self.table.add(trial.trial_id, self._params(trial), metrics, seed=seed)
+            self.written += 1
+            st = self.space.study
+            best = self._best()
+            print(f"[study] trial {trial.trial_id} epoch {result['epoch']}/{self.space.config.training.epochs} "
+                  f"{st.objective}={_fmt(result.get(st.objective))} | best {_fmt(best[1])} (trial {best[0]}) | "
+                  f"{len(self.table)} rows, {time.time() - self.started:.0f} s", flush=True)
+            limit = os.environ.get(FAULT_KILL_DRIVER_AFTER_RESULTS)
+            if limit and self.written >= int(limit):
+                print(f"[study] test fault hook: killing the driver after {self.written} results", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+            self.table.set_checkpoint(trial.trial_id, checkpoint.path)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            from study.searcher import EARLY_STOPPED
+
+            self.table.set_status(trial.trial_id, "pruned" if trial.trial_id in EARLY_STOPPED else "completed")
+            self.print_table(trials)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.table.set_status(trial.trial_id, "error")
+            self.print_table(trials)
+
+        def _best(self) -> tuple[str | None, float | None]:
+            st = self.space.study
+            best: tuple[str | None, float | None] = (None, None)
+            for row in self.table.rows.values():
+                v = row.get(st.objective)
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    continue
+                if best[1] is None or (v < best[1] if st.mode == "min" else v > best[1]):
+                    best = (row["trial_id"], v)
+            return best
+
+        def print_table(self, trials: list) -> None:
+            print(progress_table(self.table.frame(), self.space), flush=True)
+
+    return StudyCallbackImpl
+
+
+def progress_table(df: Any, space: SearchSpace) -> str:
+    """One line per trial: status, last epoch, parameters, last and best objective; best trial marked."""
+    st = space.study
+    if df is None or len(df) == 0:
+        return "[study] no results yet"
+    lines = []
+    header = ["trial", "status", "epoch", *space.keys, st.objective, f"best {st.objective}"]
+    rows = []
+    best_trial, best_value = None, None
+    for trial_id, g in df.groupby("trial_id", sort=False):
+        g = g.sort_values("epoch")
+        values = g[st.objective].dropna()
+        trial_best = (values.min() if st.mode == "min" else values.max()) if len(values) else None
+        last = g.iloc[-1]
+        rows.append([trial_id, last["status"], last["epoch"], *[last.get(f"param.{k}") for k in space.keys],
+                     last.get(st.objective), trial_best])
+        if trial_best is not None and (best_value is None or (trial_best < best_value if st.mode == "min"
+                                                              else trial_best > best_value)):
+            best_trial, best_value = trial_id, trial_best
+    cells = [header] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, r in enumerate(cells):
+        mark = " *" if i and rows[i - 1][0] == best_trial else ""
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + mark)
+    done = sum(1 for r in rows if r[1] in ("completed", "pruned"))
+    return (f"[study] {done}/{st.num_samples} trials done; best {st.objective} = {_fmt(best_value)} "
+            f"(trial {best_trial}, marked *)\n" + "\n".join(lines))
+
+
+def StudyCallback(study_dir: str, space: SearchSpace, store_path: str):  # noqa: N802 - a class factory
+    """The driver callback (a ``ray.tune.Callback``; built lazily so importing this module needs no Ray)."""
+    return _make_callback_class()(study_dir, space, store_path)
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(FORWARDED_ENV_PREFIXES) and k != FAULT_KILL_DRIVER_AFTER_RESULTS}
+
+
+def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: str | None = None,
+              storage: str | Path = "studies", resume: bool = False) -> Path:
+    """Run (or resume) a study; returns the study folder. Errors on bad input are BrainageError."""
+    space_path = Path(space_path)
+    space = load_search_space(space_path, overrides)
+    name = name or space_path.stem
+    study_dir = (Path(storage) / name).resolve()
+    config = resolved_config(space, overrides)
+    _prepare_folder(study_dir, space_path, config, resume)
+
+    from brainage_core.data.sources import resolve_store
+
+    print(f"[study] {name}: {space.study.num_samples} trials ({space.study.searcher}), objective "
+          f"{space.study.objective} ({space.study.mode}); folder {study_dir}", flush=True)
+    store = resolve_store(space.config.data, progress=True)
+    print(f"[study] data store {store.path} (fingerprint {store.fingerprint})", flush=True)
+
+    import ray
+    from ray import tune
+
+    from study.ray_runtime import start_ray
+    from study.searcher import build_scheduler, build_searcher, optuna_storage_url
+    from study.trial import TrialSpec, run_trial
+
+    st = space.study
+    info = start_ray(st.resources, st.max_concurrent_trials, env=_forwarded_env())
+    print(f"[study] Ray dashboard: {info.dashboard_url or 'unavailable'} (bound to 127.0.0.1); {info.auth}",
+          flush=True)
+    print(f"[study] Optuna dashboard: optuna-dashboard {optuna_storage_url(study_dir)}", flush=True)
+    print(f"[study] TensorBoard: tensorboard --logdir {study_dir / 'tune'}", flush=True)
+
+    spec = TrialSpec(space=space, study_dir=str(study_dir), store_path=str(store.path))
+    trainable = tune.with_parameters(run_trial, spec=spec)
+    res = st.resources
+    if res.num_workers > 1:
+        trial_resources = {"cpu": 1}
+    else:
+        trial_resources = {"cpu": res.cpus_per_worker, "gpu": 1 if res.use_gpu else 0}
+    trainable = tune.with_resources(trainable, trial_resources)
+    tune_dir = study_dir / "tune"
+    try:
+        if resume and tune.Tuner.can_restore(str(tune_dir)):
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=build_searcher(space, study_dir, name),
+                                            scheduler=build_scheduler(space), num_samples=st.num_samples,
+                                            max_concurrent_trials=st.max_concurrent_trials, reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(study_dir),
+                    failure_config=tune.FailureConfig(max_failures=st.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=st.checkpoints_to_keep,
+                                                            checkpoint_score_attribute=st.objective,
+                                                            checkpoint_score_order=st.mode),
+                    callbacks=[StudyCallback(str(study_dir), space, str(store.path))],
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
+    finally:
+        if info.started_here:
+            ray.shutdown()
+    errors = [r for r in results if r.error is not None]
+    print(f"[study] done: {study_dir / 'results.parquet'}; {len(errors)} trial(s) failed", flush=True)
+    if errors:
+        for r in errors:
+            print(f"[study] failed trial in {r.path}: {str(r.error).splitlines()[0] if str(r.error) else r.error}",
+                  file=sys.stderr, flush=True)
+    return study_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        run_study(args.space, args.overrides, name=args.name, storage=args.storage, resume=args.resume)
+    except BrainageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Optuna (through Ray Tune's ``OptunaSearch``) and ASHA, wired so that Optuna sees the truth.
+
+What Optuna records (``<study>/optuna.db``, sqlite RDB storage, study name = the study's name):
+
+- a trial that trained all its epochs: COMPLETE with the objective of its last evaluation;
+- a trial that ASHA stopped early: PRUNED, with every evaluation it reported as an intermediate value
+  (step = ``epoch``), the last one included. Ray's stock ``OptunaSearch`` would record it as COMPLETE
+  with its early value, which biases TPE towards configurations that look good after a few epochs;
+  TPE instead ranks pruned trials below complete ones by their last intermediate value;
+- a trial that errored without reporting: FAIL.
+
+How the pruned ones are recognised: :class:`RecordingASHA` notes every trial it stops before
+``max_t`` in :data:`EARLY_STOPPED` (both live in the driver process; Tune calls the scheduler before
+the searcher), and :class:`StudyOptunaSearch` tells Optuna PRUNED for those. Intermediate values use
+the ``epoch`` metric as the step, not Tune's ``training_iteration`` (which restarts at 1 when a trial
+is resumed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from study.space import SearchSpace
+
+__all__ = ["EARLY_STOPPED", "RecordingASHA", "StudyOptunaSearch", "build_searcher", "build_scheduler",
+           "optuna_storage_url"]
+
+#: Tune trial ids stopped by ASHA before max_t (driver-process registry)
+EARLY_STOPPED: set[str] = set()
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA on the reported ``epoch`` that remembers which trials it stopped early."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+            EARLY_STOPPED.add(trial.trial_id)
+        return decision
+
+
+class StudyOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that steps intermediate values by ``epoch`` and records ASHA stops as PRUNED."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._report_intermediate(trial_id, result)
+
+    def _report_intermediate(self, trial_id: str, result: dict | None) -> None:
+        if not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if value is None or epoch is None:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if int(epoch) not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+            ot_trial.report(float(value), int(epoch))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in EARLY_STOPPED and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._report_intermediate(trial_id, result)
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def optuna_storage_url(study_dir: str | Path) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / 'optuna.db'}"
+
+
+def build_searcher(space: SearchSpace, study_dir: str | Path, study_name: str) -> StudyOptunaSearch:
+    """The Optuna searcher of a study: define-by-run space (conditionals), sampler by ``study.searcher``
+    seeded with ``study.seed``, sqlite storage at ``<study_dir>/optuna.db``."""
+    st = space.study
+    if st.searcher == "tpe":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(seed=st.seed)
+    elif st.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=st.seed)
+    else:
+        sampler = optuna.samplers.GridSampler(space.grid(), seed=st.seed)
+    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    return StudyOptunaSearch(
+        space=space.suggest, metric=st.objective, mode=st.mode, sampler=sampler, study_name=study_name,
+        storage=storage,
+    )
+
+
+def build_scheduler(space: SearchSpace) -> TrialScheduler:
+    """ASHA on ``epoch`` (max_t = training.epochs) when ``study.asha`` is set, else FIFO."""
+    asha = space.study.asha
+    if asha is None:
+        return FIFOScheduler()
+    return RecordingASHA(
+        time_attr="epoch", metric=space.study.objective, mode=space.study.mode, max_t=space.config.training.epochs,
+        grace_period=asha.grace_period, reduction_factor=asha.reduction_factor, brackets=asha.brackets,
+    )

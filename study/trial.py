@@ -1,0 +1,172 @@
+"""The Tune trainable of a study: thin shells around ``brainage_core.training.train``.
+
+One Tune function trial per sampled configuration (``run_trial``):
+
+- ``num_workers > 1``: the trial builds a Ray Train ``TorchTrainer`` and calls ``fit()`` (the Train V2
+  pattern under Tune). Its Train run has a stable name (``trial_<tune trial id>``) under an absolute
+  storage path (``<study>/train_runs``), so a trial restarted after a driver crash finds its run's
+  checkpoints and resumes. DDP over ``num_workers`` workers, gloo on CPU, NCCL on GPU. Every worker
+  runs :func:`train_worker`, which calls ``train`` with a callback doing ``ray.train.report`` on every
+  rank (rank 0 attaches the checkpoint folder). ``TuneReportCallback`` forwards rank 0's metrics to
+  Tune (with ``checkpoint_path``). Worker deaths restart the worker group from the latest checkpoint
+  (Train ``FailureConfig(max_failures)``), controller failures are bounded too.
+- ``num_workers == 1``: the trial trains in its own process and reports with ``ray.tune.report``,
+  attaching the same checkpoint folder; Tune's ``FailureConfig(max_failures)`` restarts a dead trial
+  from its latest checkpoint (``ray.tune.get_checkpoint()``).
+
+Both paths: metrics are reported at evaluation epochs only (``epoch`` is ASHA's time attribute), with
+``compute_s = wall_s * num_workers`` added; a resumed trial whose training had already finished gets
+its last metrics re-reported by ``train`` (nothing left to train), without copying the checkpoint
+again (``checkpoint_path`` names the stored one). Checkpoint retention: ``checkpoints_to_keep`` best by
+the objective (Train's / Tune's ``CheckpointConfig``; the latest is always kept as well).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from study.space import SearchSpace
+
+__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict"]
+
+CHECKPOINT_PATH = "checkpoint_path"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of a study shares (passed with ``tune.with_parameters``)."""
+
+    space: SearchSpace
+    study_dir: str  # absolute
+    store_path: str  # the prepared store, resolved once by the driver
+
+    @property
+    def train_storage(self) -> str:
+        return str(Path(self.study_dir) / "train_runs")
+
+    def work_dir(self, trial_id: str) -> Path:
+        """Where ``train`` writes metrics.jsonl, train_log.jsonl and its scratch checkpoint."""
+        return Path(self.study_dir) / "trials" / trial_id
+
+
+def trial_config_dict(spec: TrialSpec, sampled: dict[str, Any]) -> dict[str, Any]:
+    """The experiment dict of one trial: the base config, the sampled values, the driver's store."""
+    d = spec.space.trial_dict(sampled)
+    data = dict(d.get("data") or {})
+    data.update(store=spec.store_path, source=None, synthetic=None)
+    d["data"] = data
+    return d
+
+
+def _device(spec: TrialSpec) -> str:
+    return "cuda" if spec.space.study.resources.use_gpu else "cpu"
+
+
+def _same_dir(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def run_trial(sampled: dict[str, Any], spec: TrialSpec) -> None:
+    """The Tune function trainable (see the module docstring)."""
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_config_dict(spec, sampled)
+    if spec.space.study.resources.num_workers > 1:
+        _run_torch_trainer(config, spec, trial_id)
+    else:
+        _run_in_trial(config, spec, trial_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# num_workers == 1: train inside the Tune trial
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> None:
+    import ray.tune
+    from ray.tune import Checkpoint
+
+    from brainage_core.training import train
+
+    restored = ray.tune.get_checkpoint()
+    resume_from = restored.path if restored is not None else None
+
+    def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0))}
+        if checkpoint_dir is None or _same_dir(checkpoint_dir, resume_from):
+            # A finished trial re-reporting its stored checkpoint: do not store it a second time.
+            payload[CHECKPOINT_PATH] = resume_from
+            ray.tune.report(payload)
+        else:
+            ray.tune.report(payload, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+
+    train(config, spec.work_dir(trial_id), callback=callback, rank=0, world_size=1, device=_device(spec),
+          resume_from=resume_from)
+
+
+# --------------------------------------------------------------------------------------------------
+# num_workers > 1: a TorchTrainer inside the Tune trial
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    st = spec.space.study
+    res = st.resources
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config, "out_dir": str(spec.work_dir(trial_id)), "device": _device(spec),
+                           "num_workers": res.num_workers},
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"trial_{trial_id}",
+            storage_path=spec.train_storage,
+            failure_config=FailureConfig(max_failures=st.max_failures, controller_failure_limit=st.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=st.checkpoints_to_keep,
+                                               checkpoint_score_attribute=st.objective,
+                                               checkpoint_score_order=st.mode),
+            callbacks=[TuneReportCallback()],
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    trainer.fit()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function: set up nothing, call ``train``, report at every evaluation."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from brainage_core.training import train
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    restored = ray.train.get_checkpoint()
+    resume_from = None
+    if restored is not None:
+        # Each rank needs the files (RNG states of every rank); a local storage path is read in place.
+        resume_from = restored.path if os.path.isdir(restored.path) else restored.to_directory()
+    num_workers = int(loop_config["num_workers"])
+
+    def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)) * num_workers}
+        if rank == 0 and checkpoint_dir is not None and not _same_dir(checkpoint_dir, resume_from):
+            ray.train.report(payload, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+        else:
+            if rank == 0 and checkpoint_dir is not None:
+                payload[CHECKPOINT_PATH] = restored.path  # a finished run re-reporting its stored checkpoint
+            ray.train.report(payload)
+
+    logging.getLogger("brainage_core").setLevel(logging.WARNING)
+    train(loop_config["config"], loop_config["out_dir"], callback=callback, rank=rank, world_size=world_size,
+          device=loop_config["device"], resume_from=resume_from)
