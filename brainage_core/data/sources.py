@@ -159,7 +159,8 @@ def resolve_store(data_cfg: Any, cache_dir: str | Path | None = None, *, progres
     ``data.store`` names no store and there is nothing to prepare it from; preparation errors as
     ``prepare`` raises them.
     """
-    from brainage_core.data.store import open_store, prepare
+    from brainage_core.data.prepare import prepare
+    from brainage_core.data.store import open_store
 
     data = _as_dict(data_cfg)
     out = store_path_for(data, cache_dir)

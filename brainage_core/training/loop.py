@@ -134,32 +134,12 @@ def build_training_model(cfg, *, sync_batchnorm: bool = False) -> torch.nn.Modul
     )
 
 
-def _training_dataset(store, cfg) -> tuple[Dataset, Any]:
-    """The training subjects per ``training.train_on`` and the validation split (rows of ``train``)."""
+def _training_dataset(store, training_rows: Mapping[str, Any]) -> Dataset:
+    """The training subjects: ``training_rows`` (split -> rows of that split, ``Evaluator.training_rows``)."""
     from brainage_core.data.dataset import StoreDataset
-    from brainage_core.evaluation import make_validation_split
 
-    ev = cfg.evaluation
-    split = make_validation_split(
-        store.table("train"),
-        internal_frac=ev.val_internal_frac,
-        external_frac=ev.val_external_frac,
-        seed=ev.val_seed,
-    )
-    train_on = cfg.training.train_on
-    if train_on == "train_minus_val":
-        return StoreDataset(store, "train", rows=list(split.train_rows)), split
-    if train_on == "train":
-        return StoreDataset(store, "train"), split
-    if train_on == "all":
-        return ConcatDataset([StoreDataset(store, name) for name in store.splits]), split
-    raise ConfigError(f"training.train_on = {train_on!r}: expected train_minus_val, train or all")
-
-
-def _make_evaluator(store, cfg, split):
-    from brainage_core.evaluation import Evaluator
-
-    return Evaluator(store, cfg.evaluation, train_on=cfg.training.train_on, split=split)
+    parts = [StoreDataset(store, name, rows=[int(r) for r in rows]) for name, rows in training_rows.items()]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def _maybe_inject_fault(epoch: int, rank: int) -> None:
@@ -254,6 +234,7 @@ def train(
     """
     from brainage_core.data.augment import DeviceAugment
     from brainage_core.data.sources import resolve_store
+    from brainage_core.evaluation import Evaluator
     from brainage_core.losses import build_loss
 
     cfg = _as_config(config)
@@ -276,7 +257,10 @@ def train(
     random.seed(tcfg.seed)
 
     store = resolve_store(cfg.data)
-    dataset, split = _training_dataset(store, cfg)
+    # Built on every rank: it owns the validation split and hence the training rows (per train_on);
+    # only rank 0 calls evaluate().
+    evaluator = Evaluator(store, cfg.evaluation, train_on=tcfg.train_on, seed=tcfg.seed)
+    dataset = _training_dataset(store, evaluator.training_rows)
     per_rank = len(dataset) // world_size
     if per_rank < local_batch:
         raise ConfigError(
@@ -354,7 +338,6 @@ def train(
         pin_memory=device.type == "cuda",
         generator=loader_gen,
     )
-    evaluator = _make_evaluator(store, cfg, split) if rank == 0 else None
     bf16 = bool(tcfg.bf16)
     non_blocking = device.type == "cuda"
     eval_every = cfg.evaluation.eval_every
