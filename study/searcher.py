@@ -69,6 +69,17 @@ class StudyOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore Tune's saved searcher state, then mark FAIL the Optuna trials left RUNNING by a killed
+        driver that Tune never recorded (asked for after Tune's last experiment save): they will never
+        be told otherwise, and a RUNNING trial misleads the dashboard and the sampler."""
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in known:
+                self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
 def optuna_storage_url(study_dir: str | Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'optuna.db'}"
 

@@ -1,0 +1,156 @@
+"""The study runner end to end on CPU: Ray Tune + Optuna over Ray Train DDP trials (smoke.yaml).
+
+One Ray for the whole module (started here, num_cpus=4 logical, dashboard on); each study is a real
+``python -m study.run`` process that joins it through RAY_ADDRESS, so that the driver can be killed.
+Faults are deterministic test hooks: BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS (study.run) and
+BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE (brainage_core.training).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss", "val_mae_int", "val_mae_ext",
+                    "val_bacc", "test_mae_int", "test_mae_ext", "leaked", "status", "checkpoint_path", "wall_s",
+                    "compute_s", "seed", "store_fingerprint", "git_commit", "versions"}
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
+             logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_study(ray_address, cache, storage, *args, env=None, timeout=600):
+    full_env = {**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache),
+                # Save Tune's experiment state at every step, so where a killed driver stopped is exact.
+                "TUNE_GLOBAL_CHECKPOINT_S": "0", **(env or {})}
+    cmd = [sys.executable, "-m", "study.run", str(SMOKE), "--storage", str(storage), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def show(proc):
+    return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+def optuna_trials(study_dir: Path, name: str):
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def test_smoke_study_with_ddp_trials(ray_address, cache, tmp_path):
+    proc = run_study(ray_address, cache, tmp_path, "--name", "smoke")
+    assert proc.returncode == 0, show(proc)
+    study_dir = tmp_path / "smoke"
+    for name in ("space.yaml", "config.yaml", "optuna.db", "results.parquet", "tune"):
+        assert (study_dir / name).exists(), name
+    assert "optuna-dashboard sqlite:///" in proc.stdout and "Ray dashboard" in proc.stdout
+
+    df = pd.read_parquet(study_dir / "results.parquet")
+    assert EXPECTED_COLUMNS <= set(df.columns), EXPECTED_COLUMNS - set(df.columns)
+    assert df["trial_id"].nunique() == 2
+    assert sorted(df.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2], [1, 2]]
+    assert (df["status"] == "completed").all()
+    assert df["checkpoint_path"].notna().all()
+    assert (df["compute_s"] - 2 * df["wall_s"]).abs().max() < 1e-6  # 2 DDP workers
+    assert df["param.loss.temperature"].between(0.05, 0.5).all()
+    assert df["store_fingerprint"].nunique() == 1 and df["versions"].map(lambda v: "ray" in json.loads(v)).all()
+
+    trials = optuna_trials(study_dir, "smoke")
+    assert len(trials) == 2
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    last = df[df["epoch"] == 2].sort_values("param.loss.temperature")
+    by_param = sorted(trials, key=lambda t: t.params["loss.temperature"])
+    assert [t.value for t in by_param] == pytest.approx(last["val_mae_ext"].tolist())
+    assert [t.params["loss.temperature"] for t in by_param] == pytest.approx(last["param.loss.temperature"].tolist())
+
+    again = run_study(ray_address, cache, tmp_path, "--name", "smoke")
+    assert again.returncode == 2 and "add --resume" in again.stderr
+
+
+def test_killed_driver_resumes_without_rerunning_or_losing_rows(ray_address, cache, tmp_path):
+    killed = run_study(ray_address, cache, tmp_path, "--name", "crash",
+                       env={"BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS": "3"})
+    assert killed.returncode == -signal.SIGKILL, show(killed)
+    study_dir = tmp_path / "crash"
+    before = pd.read_parquet(study_dir / "results.parquet")
+    assert len(before) == 3
+    first = before.groupby("trial_id")["epoch"].max()
+    finished = first[first == 2].index[0]
+
+    resumed = run_study(ray_address, cache, tmp_path, "--name", "crash", "--resume")
+    assert resumed.returncode == 0, show(resumed)
+    after = pd.read_parquet(study_dir / "results.parquet")
+    assert after["trial_id"].nunique() == 2 and len(after) == 4
+    assert (after["status"] == "completed").all()
+    # Rows written before the crash are kept as they were (a re-run would change train_loss / wall_s).
+    merged = before.merge(after, on=["trial_id", "epoch"], suffixes=("_before", "_after"))
+    assert len(merged) == 3
+    for col in ("train_loss", "wall_s", "val_mae_ext"):
+        assert merged[f"{col}_before"].tolist() == pytest.approx(merged[f"{col}_after"].tolist())
+    # The finished trial trained its 2 epochs once.
+    log = [json.loads(line) for line in (study_dir / "trials" / finished / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    trials = optuna_trials(study_dir, "crash")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
+
+
+def test_killed_worker_restarts_from_its_checkpoint(ray_address, cache, tmp_path):
+    once = tmp_path / "fault-fired"
+    proc = run_study(ray_address, cache, tmp_path, "--name", "worker", "study.num_samples=1", "training.epochs=3",
+                     env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_RANK": "1",
+                          "BRAINAGE_FAULT_ONCE_FILE": str(once)})
+    assert proc.returncode == 0, show(proc)
+    assert once.exists()  # the worker of rank 1 did kill itself at the start of epoch 2
+    df = pd.read_parquet(tmp_path / "worker" / "results.parquet")
+    assert df["epoch"].tolist() == [1, 2, 3] and (df["status"] == "completed").all()
+    # Epoch 1 was reported once: the restarted worker group resumed at epoch 2 from its checkpoint.
+    assert proc.stdout.count("epoch 1/3") == 1, show(proc)
+    assert proc.stdout.count("epoch 2/3") == 1, show(proc)
+
+
+def test_in_trial_training_and_asha_pruning_reach_optuna(ray_address, cache, tmp_path):
+    proc = run_study(ray_address, cache, tmp_path, "--name", "asha", "study.resources.num_workers=1",
+                     "study.num_samples=3", "training.epochs=2",
+                     "study.asha={grace_period: 1, reduction_factor: 2}", "study.searcher=tpe")
+    assert proc.returncode == 0, show(proc)
+    study_dir = tmp_path / "asha"
+    df = pd.read_parquet(study_dir / "results.parquet")
+    assert df["compute_s"].tolist() == pytest.approx(df["wall_s"].tolist())  # one worker
+    status = df.groupby("trial_id")["status"].first()
+    epochs = df.groupby("trial_id")["epoch"].max()
+    assert set(status) <= {"completed", "pruned"}
+    assert ((status == "pruned") == (epochs < 2)).all()
+    by_state = {t.number: t for t in optuna_trials(study_dir, "asha")}
+    assert len(by_state) == 3
+    pruned = [t for t in by_state.values() if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) == (status == "pruned").sum() and len(complete) == (status == "completed").sum()
+    assert all(t.intermediate_values for t in pruned)
