@@ -1,0 +1,277 @@
+"""``python study/export.py STUDY_DIR --out ramp-submission/NAME [--rank 1] [--metric val_lc] [--top-k K]``.
+
+Exports a study's best checkpoint(s) as RAMP challenge submissions (``brainage_core.export.ramp``):
+``estimator.py`` (self-contained, sanitizer-clean), ``weights.pth`` and ``metadata.pkl``.
+
+Ranking: trials are ranked by their best evaluation on a *validation* metric (lower is better; test
+metrics are refused) among the evaluations whose checkpoint is still stored (Ray keeps
+``checkpoints_to_keep`` per trial, by the study objective). ``--top-k K`` writes ranks 1..K as
+``NAME-rank1`` … ``NAME-rankK`` beside each other.
+
+``metadata.pkl`` (a plain dict, ``pandas.read_pickle``): ``config`` (the checkpoint's), ``metrics`` (the
+exported evaluation's row of ``results.parquet``), ``study``, ``trial_id``, ``epoch``, ``rank``, ``metric``,
+``checkpoint``, ``store`` and ``store_fingerprint``, ``age_probe`` (a fitted scikit-learn Ridge: features ->
+age in years, fitted on the store's train split minus the validation parts — the rows the ``val_*``
+probes were fitted on), ``age_probe_alpha``, ``bias_correction`` (``slope``, ``intercept`` of
+predicted = slope · age + intercept fitted on the validation parts; corrected gap = predicted −
+(slope · age + intercept)), ``model_spec`` and ``versions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from brainage_core.errors import BrainageError, ConfigError, DataError
+
+RESULTS_FILE = "results.parquet"
+#: Trial statuses whose evaluations may be exported (study/results.py writes running/completed/pruned/error).
+EXPORTABLE_STATUSES = ("completed", "pruned", "terminated", "final")
+
+
+def _checkpoint_dir(study_dir: Path, value: Any) -> Path | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value):
+        return None
+    text = str(value)
+    text = text[len("file://"):] if text.startswith("file://") else text
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else study_dir / path
+
+
+def read_results(study_dir: str | Path) -> pd.DataFrame:
+    """``STUDY_DIR/results.parquet``; ``DataError`` naming the file when the folder or table is missing."""
+    study_dir = Path(study_dir)
+    path = study_dir / RESULTS_FILE
+    if not study_dir.is_dir():
+        raise DataError(f"study folder {study_dir} does not exist; expected a folder written by study/run.py")
+    if not path.is_file():
+        raise DataError(f"{path} not found; expected the study's results table (has any trial reported yet?)")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types
+        raise DataError(f"{path} is not a readable parquet table: {exc}") from exc
+
+
+def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFrame:
+    """Exportable evaluations ranked best first: per finished trial, the stored checkpoint with the lowest
+    ``metric``. Adds ``rank`` (1-based) and ``checkpoint`` (absolute folder).
+
+    Errors: ``ConfigError`` for a ``test_*`` or unknown metric; ``DataError`` when no trial has finished or
+    when no finished evaluation has a stored checkpoint (names the first missing path).
+    """
+    study_dir = Path(study_dir).resolve()
+    df = read_results(study_dir)
+    metrics = [c for c in df.columns if c.startswith("val_") and pd.api.types.is_numeric_dtype(df[c])]
+    if metric.startswith("test_"):
+        raise ConfigError(
+            f"--metric {metric!r} selects on test data; expected a validation metric ({', '.join(metrics)}): "
+            "test metrics are reported, never used for selection"
+        )
+    if metric not in metrics:
+        raise ConfigError(f"unknown metric {metric!r}; expected one of {', '.join(metrics) or '(none in the table)'}")
+    status = df["status"].astype(str).str.lower() if "status" in df.columns else pd.Series("completed", index=df.index)
+    done = df[status.isin(EXPORTABLE_STATUSES) & df[metric].notna()].copy()
+    if done.empty:
+        found = ", ".join(sorted(status.unique())) or "no rows"
+        raise DataError(
+            f"{study_dir / RESULTS_FILE}: no finished trial with a {metric} value (statuses found: {found}); "
+            f"expected at least one trial with status {' or '.join(EXPORTABLE_STATUSES[:2])}"
+        )
+    paths = [_checkpoint_dir(study_dir, v) for v in done.get("checkpoint_path", pd.Series(None, index=done.index))]
+    done["checkpoint"] = [str(p) if p is not None else None for p in paths]
+    stored = done[[p is not None and (p / "checkpoint.pt").is_file() for p in paths]]
+    if stored.empty:
+        missing = next((p for p in paths if p is not None), None)
+        what = "no checkpoint_path" if missing is None else f"{missing} has no checkpoint.pt"
+        raise DataError(
+            f"{study_dir}: no checkpoint stored for any finished trial (e.g. trial {done['trial_id'].iloc[0]} "
+            f"epoch {done['epoch'].iloc[0]}: {what}); expected the checkpoint folders named in results.parquet"
+        )
+    for trial, rows in done.groupby("trial_id"):
+        best_all = rows.loc[rows[metric].idxmin()]
+        if best_all.name not in stored.index and trial in set(stored["trial_id"]):
+            warnings.warn(
+                f"trial {trial}: its best {metric} (epoch {best_all['epoch']}) has no stored checkpoint; "
+                "the best stored one is ranked instead", stacklevel=2,
+            )
+    ranked = stored.sort_values([metric, "epoch"], ascending=[True, False]).groupby("trial_id", sort=False).head(1)
+    ranked = ranked.reset_index(drop=True)
+    ranked.insert(0, "rank", range(1, len(ranked) + 1))
+    return ranked
+
+
+def _open_study_store(config: dict, store: str | Path | None):
+    from brainage_core.data.store import open_store
+
+    path = store or (config.get("data") or {}).get("store")
+    if path is None:
+        from brainage_core.data.sources import resolve_store
+
+        return resolve_store(config.get("data") or {})
+    return open_store(path)
+
+
+def _fit_probe_and_bias(model, store, config: dict, *, device: str, batch_size: int) -> dict[str, Any]:
+    """Age probe on the train split minus the validation parts; bias correction on the validation parts."""
+    from brainage_core.evaluation import extract_features, fit_age_probe, make_validation_split
+
+    ecfg = config.get("evaluation") or {}
+    table = store.table("train")
+    split = make_validation_split(
+        table,
+        internal_frac=float(ecfg.get("val_internal_frac", 0.09)),
+        external_frac=float(ecfg.get("val_external_frac", 0.10)),
+        seed=int(ecfg.get("val_seed", 0)),
+    )
+    ages = table.set_index("row")["age"]
+    array = store.array("train")
+    train_rows = split.train_rows
+    val_rows = np.sort(np.concatenate([split.val_internal_rows, split.val_external_rows]))
+    x_train = extract_features(model, array, train_rows, batch_size=batch_size, device=device)
+    probe = fit_age_probe(x_train, ages.loc[train_rows].to_numpy())
+    out: dict[str, Any] = {
+        "age_probe": probe.estimator,
+        "age_probe_alpha": probe.param.get("alpha"),
+        "age_probe_cv_r2": probe.cv_score,
+        "age_probe_rows": int(train_rows.size),
+    }
+    if val_rows.size >= 2:
+        x_val = extract_features(model, array, val_rows, batch_size=batch_size, device=device)
+        predicted = probe.predict(x_val)
+        true = ages.loc[val_rows].to_numpy(dtype=float)
+        slope, intercept = np.polyfit(true, predicted, 1)
+        out["bias_correction"] = {
+            "slope": float(slope),
+            "intercept": float(intercept),
+            "n": int(val_rows.size),
+            "fitted_on": "validation parts of the train split (internal + external)",
+            "network_trained_on_them": (config.get("training") or {}).get("train_on", "train_minus_val")
+            != "train_minus_val",
+        }
+    else:
+        out["bias_correction"] = None
+    return out
+
+
+def export_submission(
+    study_dir: str | Path,
+    out: str | Path,
+    *,
+    rank: int = 1,
+    metric: str = "val_lc",
+    store: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    ranked: pd.DataFrame | None = None,
+) -> Path:
+    """Export the trial at ``rank`` (by ``metric``) of ``study_dir`` into the submission folder ``out``.
+
+    ``store``: the prepared store the study trained on (default: the checkpoint config's ``data.store``).
+    Errors: see :func:`rank_checkpoints`; ``ConfigError`` for a rank beyond the ranked trials or a non-VBM
+    model; checkpoint errors from ``brainage_core.training``.
+    """
+    import torch
+
+    from brainage_core.export import model_spec, write_submission
+    from brainage_core.training import load_model_from_checkpoint
+
+    study_dir = Path(study_dir).resolve()
+    ranked = rank_checkpoints(study_dir, metric) if ranked is None else ranked
+    if not isinstance(rank, int) or rank < 1 or rank > len(ranked):
+        raise ConfigError(f"--rank {rank}: the study has {len(ranked)} exportable trial(s); expected 1..{len(ranked)}")
+    row = ranked.iloc[rank - 1]
+    model, config = load_model_from_checkpoint(row["checkpoint"])
+    data_store = _open_study_store(config, store)
+    if data_store.manifest.get("modality", "vbm") != "vbm":
+        modality = data_store.manifest.get("modality")
+        raise ConfigError(f"data.modality = {modality!r}: the export handles VBM models only; expected 'vbm'")
+    fingerprint = row.get("store_fingerprint")
+    if isinstance(fingerprint, str) and fingerprint and fingerprint != data_store.fingerprint:
+        warnings.warn(
+            f"store {data_store.path} has fingerprint {data_store.fingerprint[:12]}, the trial trained on "
+            f"{fingerprint[:12]}: the age probe is fitted on different data", stacklevel=2,
+        )
+    model = model.to(device).eval()
+    probe = _fit_probe_and_bias(
+        model, data_store, config, device=device, batch_size=int((config.get("evaluation") or {}).get("batch_size", 8))
+    )
+    spec = model_spec(model.cpu(), config, grid=data_store.grid, batch_size=batch_size)
+    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop(labels=["checkpoint"]).items()}
+    metadata = {
+        "study": study_dir.name,
+        "study_dir": str(study_dir),
+        "trial_id": str(row["trial_id"]),
+        "epoch": int(row["epoch"]),
+        "rank": int(rank),
+        "metric": metric,
+        "metric_value": float(row[metric]),
+        "metrics": metrics,
+        "leaked": bool(row.get("leaked", False)),
+        "config": config,
+        "checkpoint": str(row["checkpoint"]),
+        "store": str(data_store.path),
+        "store_fingerprint": data_store.fingerprint,
+        **probe,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "scikit-learn": __import__("sklearn").__version__},
+    }
+    summary = f"study {study_dir.name}, trial {row['trial_id']} epoch {int(row['epoch'])}, rank {rank} by {metric}"
+    return write_submission(model.cpu(), spec, out, metadata=metadata, summary=summary)
+
+
+def export_top_k(
+    study_dir: str | Path, out: str | Path, *, top_k: int, metric: str = "val_lc", **kwargs: Any
+) -> list[Path]:
+    """Export ranks 1..``top_k`` as ``<out>-rank<r>``; fewer when the study has fewer exportable trials."""
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: expected an integer >= 1")
+    ranked = rank_checkpoints(study_dir, metric)
+    out = Path(out)
+    return [
+        export_submission(
+            study_dir, out.with_name(f"{out.name}-rank{r}"), rank=r, metric=metric, ranked=ranked, **kwargs
+        )
+        for r in range(1, min(top_k, len(ranked)) + 1)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python study/export.py", description=__doc__.splitlines()[0])
+    parser.add_argument("study_dir", metavar="STUDY_DIR", help="study folder written by study/run.py")
+    parser.add_argument("--out", required=True, help="submission folder, e.g. ramp-submission/NAME")
+    parser.add_argument("--rank", type=int, default=1, help="which trial to export (1 = best; default 1)")
+    parser.add_argument("--metric", default="val_lc", help="validation metric that ranks trials (default val_lc)")
+    parser.add_argument("--top-k", type=int, default=None, help="export ranks 1..K as OUT-rank1 … OUT-rankK")
+    parser.add_argument("--store", default=None, help="prepared store of the study (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="device for the age-probe features (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass in estimator.py (default 8)")
+    args = parser.parse_args(argv)
+    kwargs = {"metric": args.metric, "store": args.store, "device": args.device, "batch_size": args.batch_size}
+    try:
+        if args.top_k is not None:
+            paths = export_top_k(args.study_dir, args.out, top_k=args.top_k, **kwargs)
+        else:
+            paths = [export_submission(args.study_dir, args.out, rank=args.rank, **kwargs)]
+    except BrainageError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        meta = pd.read_pickle(path / "metadata.pkl")
+        print(f"{path}: trial {meta['trial_id']} epoch {meta['epoch']} {meta['metric']}={meta['metric_value']:.4g}")
+    print("try it with the challenge kit: copy the folder into the kit's submissions/ and run "
+          "`ramp-test --submission NAME` (VBM_MASK/QUASIRAW_MASK point at the kit's masks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
