@@ -142,6 +142,33 @@ def _training_dataset(store, training_rows: Mapping[str, Any]) -> Dataset:
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+class EvaluationView(torch.nn.Module):
+    """What the evaluator sees: the bare model behind the training's deterministic preprocessing.
+
+    ``features(x)`` and ``forward(x)`` apply ``augment.center`` (z-scoring and the centred crop + pad when
+    those augmentations are on, so that probes read the representation of inputs like the training
+    ones), the memory format, and bf16 autocast when training uses it; outputs are float32.
+    """
+
+    def __init__(self, model: torch.nn.Module, augment: Any, *, bf16: bool, memory_format: torch.memory_format):
+        super().__init__()
+        self.model = model
+        self.augment = augment
+        self.bf16 = bf16
+        self.memory_format = memory_format
+
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        x = self.augment.center(x.float()).contiguous(memory_format=self.memory_format)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return fn(x).float()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.model.features, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.model, x)
+
+
 def _maybe_inject_fault(epoch: int, rank: int) -> None:
     """Test-only: SIGKILL this process at the start of epoch ``BRAINAGE_FAULT_KILL_AT_EPOCH``."""
     at = os.environ.get(FAULT_KILL_AT_EPOCH)
@@ -233,6 +260,7 @@ def train(
     Raises :class:`NonFiniteLossError` naming epoch, step and value when a loss is NaN or infinite.
     """
     from brainage_core.data.augment import DeviceAugment
+    from brainage_core.data.dataset import collate
     from brainage_core.data.sources import resolve_store
     from brainage_core.evaluation import Evaluator
     from brainage_core.losses import build_loss
@@ -337,6 +365,7 @@ def train(
         drop_last=True,
         pin_memory=device.type == "cuda",
         generator=loader_gen,
+        collate_fn=collate,
     )
     bf16 = bool(tcfg.bf16)
     non_blocking = device.type == "cuda"
@@ -400,10 +429,9 @@ def train(
         checkpoint_dir: Path | None = None
         if rank == 0:
             t_eval = time.perf_counter()
-            bare = unwrap_model(net)
-            bare.eval()
-            evaluation = evaluator.evaluate(bare, device)
-            bare.train()
+            view = EvaluationView(unwrap_model(net), augment, bf16=bf16, memory_format=memory_format)
+            evaluation = evaluator.evaluate(view, device)
+            net.train()
             eval_s = time.perf_counter() - t_eval
             metrics = json_safe(
                 {
