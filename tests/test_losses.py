@@ -308,6 +308,70 @@ def test_rnc_matches_loop_on_unnormalised_features(seed, views):
     assert_close(build_loss("rnc", temperature=0.5)(features, ages), ref_rnc(features, ages, 0.5))
 
 
+@pytest.fixture
+def log_space_tails(monkeypatch):
+    """Force the log-space fallback of the ranked tail sums (used when a row spans ≥ 600 in s)."""
+    import brainage_core.losses.ranking as ranking
+
+    monkeypatch.setattr(ranking, "LINEAR_RANGE_LIMIT", 0.0)
+
+
+@pytest.mark.parametrize("seed,views", BATCHES)
+def test_ranked_losses_log_space_fallback_matches_loop(seed, views, log_space_tails):
+    features, ages = random_batch(seed, 6, views)
+    for margin in (0.0, 1.5):
+        loss_fn = build_loss("threshold", kernel="cauchy", sigma=0.3, form="paper", threshold_margin=margin)
+        assert_close(loss_fn(features, ages), ref_threshold_paper(features, ages, "cauchy", 0.3, 0.1, margin))
+    assert_close(build_loss("rnc")(features * 3, ages), ref_rnc(features * 3, ages, 2.0))
+
+
+@pytest.mark.parametrize("method,options", [("threshold", {"kernel": "rbf", "form": "paper"}), ("rnc", {})])
+def test_ranked_losses_log_space_fallback_gradcheck(method, options, log_space_tails):
+    raw, ages = random_batch(7, 4, 2, dim=3, normalise=False)
+    loss_fn = build_loss(method, temperature=0.5, **options)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        return loss_fn(x if method == "rnc" else F.normalize(x, dim=-1), ages)
+
+    assert torch.autograd.gradcheck(loss_of, (raw.clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def test_wide_similarity_rows_take_the_log_space_path_and_stay_finite():
+    features, ages = random_batch(10, 8, 2, dim=8, normalise=False)
+    for method, scale, tau in (("rnc", 1000.0, 0.01), ("threshold", 1.0, 0.001)):
+        x = (F.normalize(features, dim=-1) * scale).float().requires_grad_(True)
+        options = {"kernel": "rbf", "form": "paper"} if method == "threshold" else {}
+        loss = build_loss(method, temperature=tau, **options)(x, ages.float())
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), method
+
+
+def test_linear_and_log_space_tails_agree_in_float32_at_small_temperature(monkeypatch):
+    import brainage_core.losses.ranking as ranking
+
+    features, ages = random_batch(11, 64, 2, dim=16)
+    features, ages = features.float(), ages.float() * 3
+    values = []
+    for limit in (600.0, 0.0):
+        monkeypatch.setattr(ranking, "LINEAR_RANGE_LIMIT", limit)
+        values.append([build_loss(m, temperature=0.01, **o)(features, ages).item() for m, o in
+                       (("threshold", {"kernel": "rbf", "form": "paper"}), ("rnc", {}))])
+    assert values[0] == pytest.approx(values[1], rel=1e-4)
+
+
+def test_tie_group_bounds_equal_a_binary_search():
+    from brainage_core.losses.ranking import _tie_group_bounds
+
+    generator = torch.Generator().manual_seed(12)
+    for size in (1, 2, 7, 30):
+        ages = torch.randint(0, 6, (size,), generator=generator).double() * 0.7
+        distances = (ages[:, None] - ages[None, :]).abs()
+        ascending, order = torch.sort(distances, dim=1)
+        for after in (True, False):
+            expected = torch.searchsorted(ascending, distances, right=after)
+            assert torch.equal(_tie_group_bounds(ascending, order, after=after), expected)
+
+
 @pytest.mark.parametrize("method", SUPERVISED_METHODS)
 def test_supervised_losses(method):
     predictions = torch.tensor([30.0, 41.0, 55.5], dtype=torch.float64)

@@ -112,14 +112,6 @@ def check_unit_norm(features: torch.Tensor, input_dtype: torch.dtype) -> None:
         )
 
 
-def off_diagonal(matrix: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Drop the anchor's own column: (n, N) rows of anchors ``anchors`` → (n, N − 1), order kept."""
-    n_total = matrix.shape[1]
-    columns = torch.arange(n_total - 1, device=matrix.device).unsqueeze(0)
-    columns = columns + (columns >= anchors.unsqueeze(1)).to(columns.dtype)
-    return torch.gather(matrix, 1, columns)
-
-
 @dataclass(frozen=True)
 class ContrastiveBatch:
     """The stacked batch one process computes its loss on.
@@ -144,6 +136,14 @@ class ContrastiveBatch:
         """(n,) ages of the anchors."""
         return self.ages[self.anchors]
 
+    def anchor_subjects(self) -> torch.Tensor:
+        """(n,) subject of each anchor (anchor index mod B)."""
+        return self.anchors % self.subjects
+
+    def subject_ages(self) -> torch.Tensor:
+        """(B,) age of each subject (the ages of view 0)."""
+        return self.ages[: self.subjects]
+
     def similarities(self, temperature: float) -> torch.Tensor:
         """(n, N) s_ab = z_a·z_b / τ for the anchors a against all embeddings b (self included)."""
         return self.embeddings[self.anchors] @ self.embeddings.T / temperature
@@ -152,9 +152,10 @@ class ContrastiveBatch:
         """(n, N) y_a − y_b for the anchors a against all embeddings b."""
         return self.anchor_ages().unsqueeze(1) - self.ages.unsqueeze(0)
 
-    def off_diagonal(self, matrix: torch.Tensor) -> torch.Tensor:
-        """(n, N) → (n, N − 1) without each anchor's own column."""
-        return off_diagonal(matrix, self.anchors)
+    def self_mask(self) -> torch.Tensor:
+        """(n, N) bool, True at each anchor's own column (the sums over b exclude b = a)."""
+        columns = torch.arange(self.size, device=self.anchors.device)
+        return columns.unsqueeze(0) == self.anchors.unsqueeze(1)
 
 
 def local_anchor_indices(layout: distributed.RankLayout, views: int, device: torch.device) -> torch.Tensor:
@@ -281,16 +282,21 @@ class KernelWeightedLoss(ContrastiveLoss):
         return self.kernel(batch.age_differences())
 
     def log_denominators(
-        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor
+        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor, self_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Given s (n, N) and W (n, N), return (numerator similarity (n, N−1), log D (n, 1 | N−1))."""
+        """Given s (n, N), W (n, N) and the self mask (n, N), return (numerator (n, N), log D (n, 1 | N)).
+
+        Both must be finite everywhere, the anchors' own columns included (their weight is 0).
+        """
         raise NotImplementedError
 
     def anchor_losses(self, batch: ContrastiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
         similarities = batch.similarities(self.temperature)
         weights = self.positive_weights(batch)
-        numerator, log_denominator = self.log_denominators(batch, similarities, weights)
-        return kernel_weighted_anchor_losses(numerator, log_denominator, batch.off_diagonal(weights), self.scale)
+        self_mask = batch.self_mask()
+        numerator, log_denominator = self.log_denominators(batch, similarities, weights, self_mask)
+        weights = weights.masked_fill(self_mask, 0.0)
+        return kernel_weighted_anchor_losses(numerator, log_denominator, weights, self.scale)
 
 
 def kernel_weighted_anchor_losses(
@@ -298,8 +304,8 @@ def kernel_weighted_anchor_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-anchor −scale · Σ_k [W_ak / Σ_t W_at] · (numerator_ak − log D_ak), and the has-positive mask.
 
-    All inputs exclude the anchor's own column: numerator and weights (n, N − 1), log D (n, 1) or
-    (n, N − 1). Anchors whose weights sum to 0 get loss 0 (finite, no 0·inf) and mask False.
+    numerator and weights (n, N), log D (n, 1) or (n, N); the weights are 0 on each anchor's own
+    column, and every term is finite. Anchors whose weights sum to 0 get loss 0 and mask False.
     """
     weight_sums = weights.sum(dim=1, keepdim=True)
     has_positive = weight_sums.squeeze(1) > 0

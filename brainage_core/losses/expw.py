@@ -59,10 +59,9 @@ class ExpWLoss(KernelWeightedLoss):
         self.form = form
 
     def log_denominators(
-        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor
+        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor, self_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.form == "reference":
             similarities = similarities - similarities.detach().max(dim=1, keepdim=True).values
-        off = batch.off_diagonal(similarities)
-        repulsion = 1.0 - batch.off_diagonal(weights)
-        return off, torch.logsumexp(off * repulsion, dim=1, keepdim=True)
+        weighted = (similarities * (1.0 - weights)).masked_fill(self_mask, float("-inf"))
+        return similarities, torch.logsumexp(weighted, dim=1, keepdim=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from brainage_core.losses.common import ContrastiveBatch, ContrastiveLoss
-from brainage_core.losses.ranking import AgeRanking
+from brainage_core.losses.ranking import ranked_log_denominators
 
 
 def pairwise_distances(anchors: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,11 @@ class RnCLoss(ContrastiveLoss):
 
     def anchor_losses(self, batch: ContrastiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
         distances = pairwise_distances(batch.embeddings[batch.anchors], batch.embeddings)
-        similarities = batch.off_diagonal(-distances / self.temperature)
-        label_distances = batch.off_diagonal(batch.age_differences().abs())
-        ranking = AgeRanking(label_distances)
-        tails = ranking.tail_logsumexp(similarities)
-        log_denominators = torch.gather(tails, 1, ranking.first_position_at_least(label_distances))
-        losses = -(similarities - log_denominators).mean(dim=1)
+        similarities = -distances / self.temperature
+        self_mask = batch.self_mask()
+        log_denominators = ranked_log_denominators(
+            similarities, self_mask, batch.subject_ages(), batch.anchor_subjects(), batch.views, inclusive=True
+        )
+        terms = (similarities - log_denominators).masked_fill(self_mask, 0.0)
+        losses = -terms.sum(dim=1) / (batch.size - 1)
         return losses, torch.ones_like(losses, dtype=torch.bool)

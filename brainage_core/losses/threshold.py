@@ -31,9 +31,9 @@ import math
 import torch
 
 from brainage_core.errors import LossError
-from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss, off_diagonal
+from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss
 from brainage_core.losses.kernels import AgeKernel
-from brainage_core.losses.ranking import AgeRanking
+from brainage_core.losses.ranking import ranked_log_denominators
 
 THRESHOLD_FORMS: tuple[str, ...] = ("reference", "paper")
 DELTA_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
@@ -81,45 +81,57 @@ class ThresholdLoss(KernelWeightedLoss):
         self.threshold_margin = float(margin)
 
     def log_denominators(
-        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor
+        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor, self_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        off = batch.off_diagonal(similarities)
         if self.form == "paper":
-            return off, self._paper_log_denominators(batch, off)
-        return off, self._reference_log_denominators(batch, off)
-
-    def _paper_log_denominators(self, batch: ContrastiveBatch, similarities: torch.Tensor) -> torch.Tensor:
-        distances = batch.off_diagonal(batch.age_differences().abs())
-        ranking = AgeRanking(distances)
-        tails = ranking.tail_logsumexp(similarities)
-        cut = ranking.first_position_above(distances + self.threshold_margin)
-        return torch.logaddexp(similarities, torch.gather(tails, 1, cut))
-
-    def _reference_log_denominators(self, batch: ContrastiveBatch, similarities: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            all_weights = self.kernel(batch.ages.unsqueeze(1) - batch.ages.unsqueeze(0))  # (N, N), row j: W_j·
-            sorted_rows = torch.sort(all_weights, dim=1).values
-            # counts[j, a] = #{k : W_jk < W_ja}; row j against its own sorted row
-            counts = torch.searchsorted(sorted_rows, all_weights, right=False).T.to(all_weights.dtype)  # (a, j)
-            if self.delta_reduction == "mean":
-                counts = counts / batch.size
-            every = torch.arange(batch.size, device=counts.device)
-            empty = (off_diagonal(counts, every).sum(dim=1) == 0) & (
-                off_diagonal(all_weights, every).sum(dim=1) > 0
+            log_denominators = ranked_log_denominators(
+                similarities,
+                self_mask,
+                batch.subject_ages(),
+                batch.anchor_subjects(),
+                batch.views,
+                margin=self.threshold_margin,
+                add_positive=True,
             )
-            if bool(empty.any()):
-                anchor = int(empty.nonzero()[0, 0])
-                raise LossError(
-                    f"parameter 'ages': threshold (form 'reference') has an empty denominator D_a = 0 for anchor "
-                    f"{anchor} (subject {anchor % batch.subjects}, view {anchor // batch.subjects}, age "
-                    f"{float(batch.ages[anchor]):g}): no sample j has a sample farther from it than the anchor "
-                    "(all ages equal, or V = 1 with an extreme age); use varied ages or form 'paper'"
-                )
-            log_counts = batch.off_diagonal(torch.log(counts[batch.anchors]))
-            # anchors without positives are left out of the mean; keep their terms finite
+            return similarities, log_denominators
+        return similarities, self._reference_log_denominators(batch, similarities, self_mask)
+
+    def _reference_log_denominators(
+        self, batch: ContrastiveBatch, similarities: torch.Tensor, self_mask: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            counts = self._reference_counts(batch)
+            log_counts = torch.log(counts[batch.anchors]).masked_fill(self_mask, float("-inf"))
+            # anchors without positives are left out of the mean; keep their (unused) terms finite
             no_count = torch.isneginf(log_counts).all(dim=1, keepdim=True)
             log_counts = torch.where(no_count, torch.zeros_like(log_counts), log_counts)
         return torch.logsumexp(similarities + log_counts, dim=1, keepdim=True)
+
+    def _reference_counts(self, batch: ContrastiveBatch) -> torch.Tensor:
+        """(N, N) c_aj = #{k ∈ 1..N : W_jk < W_ja} (/ N for delta_reduction 'mean'); raises on D_a = 0.
+
+        W is tiled from the B×B subject kernel matrix, so the counts are V times the subject counts.
+        """
+        subject_ages = batch.subject_ages()
+        subject_weights = self.kernel(subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0))  # (B, B)
+        sorted_rows = torch.sort(subject_weights, dim=1).values
+        # row l, column i: #{m : W_lm < W_li}, the kernel values compared exactly as computed
+        below = torch.searchsorted(sorted_rows, subject_weights, right=False)
+        counts = (batch.views * below.T).to(subject_weights.dtype).repeat(batch.views, batch.views)
+        if self.delta_reduction == "mean":
+            counts = counts / batch.size
+        diagonal = torch.eye(batch.size, dtype=torch.bool, device=counts.device)
+        has_positive = subject_weights.repeat(batch.views, batch.views).masked_fill(diagonal, 0.0).sum(dim=1) > 0
+        empty = (counts.masked_fill(diagonal, 0.0).sum(dim=1) == 0) & has_positive
+        if bool(empty.any()):
+            anchor = int(empty.nonzero()[0, 0])
+            raise LossError(
+                f"parameter 'ages': threshold (form 'reference') has an empty denominator D_a = 0 for anchor "
+                f"{anchor} (subject {anchor % batch.subjects}, view {anchor // batch.subjects}, age "
+                f"{float(batch.ages[anchor]):g}): no sample j has a sample farther from it than the anchor "
+                "(all ages equal, or V = 1 with an extreme age); use varied ages or form 'paper'"
+            )
+        return counts
 
 
 def check_margin(value: float) -> float:

@@ -48,10 +48,10 @@ class YAwareLoss(KernelWeightedLoss):
         )
 
     def log_denominators(
-        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor
+        self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor, self_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        off = batch.off_diagonal(similarities)
-        return off, torch.logsumexp(off, dim=1, keepdim=True)
+        others = similarities.masked_fill(self_mask, float("-inf"))
+        return similarities, torch.logsumexp(others, dim=1, keepdim=True)
 
 
 class SupConLoss(YAwareLoss):
