@@ -291,9 +291,9 @@ def test_evaluator_on_features_that_encode_site_and_age(monkeypatch):
     fitted_on = []
     real_age, real_site = evaluator_module.fit_age_probe, evaluator_module.fit_site_probe
 
-    def spy_age(X, y):
+    def spy_age(X, y, **kw):
         fitted_on.append(X)
-        return real_age(X, y)
+        return real_age(X, y, **kw)
 
     def spy_site(X, s, **kw):
         fitted_on.append(X)

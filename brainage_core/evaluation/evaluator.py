@@ -73,16 +73,26 @@ class Evaluator:
     ``table(split)`` with columns participant_id, age, site, row). ``evaluation``: the config's
     ``EvaluationConfig`` (``val_internal_frac``, ``val_external_frac``, ``val_seed``, ``batch_size``, ``test``).
     ``train_on``: ``training.train_on``. The validation split is computed once, here, and exposed as
-    ``self.split``; ``self.training_rows`` is what the training loop must train on.
+    ``self.split``; ``self.training_rows`` is what the training loop must train on. ``seed`` drives the
+    site probe's solver; ``n_jobs`` the probes' grid searches (scikit-learn's meaning).
     """
 
-    def __init__(self, store: Any, evaluation: Any, *, train_on: str = "train_minus_val", seed: int = 0):
+    def __init__(
+        self,
+        store: Any,
+        evaluation: Any,
+        *,
+        train_on: str = "train_minus_val",
+        seed: int = 0,
+        n_jobs: int | None = None,
+    ):
         if "train" not in store.splits:
             raise ConfigError(f"{store.path}: the store has no 'train' split; the probes are fit on it")
         self.store = store
         self.evaluation = evaluation
         self.train_on = train_on
         self.seed = seed
+        self.n_jobs = n_jobs
         self.train_table = store.table("train")
         self.split: ValidationSplit | None = None
         if train_on == "train_minus_val":
@@ -166,8 +176,8 @@ class Evaluator:
 
         if self.split is not None:
             fit = self.split.train_rows
-            age_probe = fit_age_probe(train_X[fit], train_ages[fit])
-            site_probe = fit_site_probe(train_X[fit], train_sites[fit], seed=self.seed)
+            age_probe = fit_age_probe(train_X[fit], train_ages[fit], n_jobs=self.n_jobs)
+            site_probe = fit_site_probe(train_X[fit], train_sites[fit], seed=self.seed, n_jobs=self.n_jobs)
             notes += [f"val {p}: {q.note}" for p, q in (("age", age_probe), ("site", site_probe)) if q.note]
             vi, ve = self.split.val_internal_rows, self.split.val_external_rows
             val = self._score(
@@ -182,8 +192,8 @@ class Evaluator:
             val = self._score("val", None, None, None, None, n_train_sites)
 
         if self.evaluation.test and self.test_splits:
-            age_probe = fit_age_probe(train_X, train_ages)
-            site_probe = fit_site_probe(train_X, train_sites, seed=self.seed)
+            age_probe = fit_age_probe(train_X, train_ages, n_jobs=self.n_jobs)
+            site_probe = fit_site_probe(train_X, train_sites, seed=self.seed, n_jobs=self.n_jobs)
             notes += [f"test {p}: {q.note}" for p, q in (("age", age_probe), ("site", site_probe)) if q.note]
             internal = external = None
             if "internal_test" in self.test_splits:
