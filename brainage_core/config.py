@@ -80,6 +80,7 @@ KERNEL_METHODS = ("yaware", "threshold", "expw")  # methods that need loss.kerne
 FORM_METHODS = ("threshold", "expw")  # methods that accept loss.form
 KERNELS = ("gaussian", "rbf", "cauchy")
 GRIDS = ("full", "3mm", "6mm")
+RNC_DEFAULT_TEMPERATURE = 2.0
 
 
 def _spec(
@@ -131,7 +132,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone and head (``brainage_core.models.build_model``)."""
+    """Backbone and head (``brainage_core.models.build_model``).
+
+    ``feature`` chooses what a contrastive model hands to the probes; a regression model always hands
+    its encoder output (``feature`` defaults to ``encoder`` for it).
+    """
 
     backbone: str = _f("resnet18", choices=BACKBONES)
     head: str = _f("contrastive", choices=HEADS)
@@ -520,7 +525,8 @@ def expand_env_vars(
 def _defaults_for_method(d: dict[str, Any]) -> dict[str, Any]:
     """Method-dependent defaults, applied only to keys the user left out.
 
-    ``loss.kernel`` defaults to null for methods that take no kernel; ``model.head`` to the head the
+    ``loss.kernel`` defaults to null for methods that take no kernel, ``loss.temperature`` to 2.0 for
+    rnc (losses.md); ``model.head`` to the head the
     method trains (regression for l1/mse) and ``model.feature`` to ``encoder`` for a regression head.
     Explicit contradictory values stay and fail the cross-field checks with a clear message.
     """
@@ -529,8 +535,12 @@ def _defaults_for_method(d: dict[str, Any]) -> dict[str, Any]:
     method = loss.get("method") if isinstance(loss, Mapping) else None
     if method is None or not isinstance(method, str):
         return d
+    loss = dict(loss)
     if "kernel" not in loss and method not in KERNEL_METHODS:
-        d["loss"] = {**loss, "kernel": None}
+        loss["kernel"] = None
+    if "temperature" not in loss and method == "rnc":
+        loss["temperature"] = RNC_DEFAULT_TEMPERATURE
+    d["loss"] = loss
     model = d.get("model") if isinstance(d.get("model"), Mapping) else {}
     model = dict(model) if model is not None else {}
     if "head" not in model and method in SUPERVISED_LOSS_METHODS:
@@ -578,10 +588,10 @@ def _check_cross_fields(cfg: ExperimentConfig, source: str | None) -> None:
             f"{where}model.head = '{cfg.model.head}': loss.method '{loss.method}' needs model.head "
             f"'{expected_head}' (l1/mse train a regression head, the contrastive losses a projection head)"
         )
-    if cfg.model.head == "regression" and cfg.model.feature == "projection":
+    if cfg.model.backbone == "densenet121" and cfg.model.base_width % 2:
         raise ConfigError(
-            f"{where}model.feature = 'projection': a regression head has no projection head; expected "
-            f"'encoder' (the probes read the encoder output of supervised models)"
+            f"{where}model.base_width = {cfg.model.base_width}: densenet121 needs an even base_width "
+            f"(growth rate = base_width / 2)"
         )
     ev = cfg.evaluation
     if ev.val_internal_frac + ev.val_external_frac >= 1.0:

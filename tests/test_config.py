@@ -73,8 +73,9 @@ def test_method_dependent_defaults():
     cfg = config_from_dict({"loss": {"method": "l1"}})
     assert cfg.loss.kernel is None and cfg.model.head == "regression" and cfg.model.feature == "encoder"
     assert cfg.loss.build_kwargs() == {}
-    cfg = config_from_dict({"loss": {"method": "rnc", "temperature": 2.0}})
+    cfg = config_from_dict({"loss": {"method": "rnc"}})
     assert cfg.loss.kernel is None and cfg.loss.build_kwargs() == {"temperature": 2.0}
+    assert config_from_dict({"loss": {"method": "rnc", "temperature": 0.5}}).loss.temperature == 0.5
     kw = config_from_dict({"loss": {"method": "threshold", "form": "paper", "threshold_margin": 1.5}}).loss
     assert kw.build_kwargs()["threshold_margin"] == 1.5 and kw.build_kwargs()["kernel"] == "rbf"
 
@@ -153,6 +154,7 @@ def test_out_of_range_or_not_a_choice(d, needles):
         ({"loss": {"method": "l1"}, "model": {"head": "contrastive"}}, ["model.head", "'regression'"]),
         ({"model": {"head": "regression"}}, ["model.head", "'contrastive'"]),
         ({"evaluation": {"val_internal_frac": 0.5, "val_external_frac": 0.5}}, ["val_external_frac", "< 1"]),
+        ({"model": {"backbone": "densenet121", "base_width": 15}}, ["model.base_width", "even"]),
         ({"evaluation": {"val_internal_frac": 0, "val_external_frac": 0}}, ["training.train_on", "train"]),
         ({"data": {"source": "/x", "synthetic": {}}}, ["data.source", "data.synthetic"]),
     ],
@@ -273,3 +275,21 @@ def test_every_schema_field_has_a_default():
 
     for cls in (ExperimentConfig, LossConfig, SyntheticConfig):
         walk(cls)
+
+
+def test_choice_lists_agree_with_models_and_losses():
+    from brainage_core import losses, models
+    from brainage_core.config import HEADS, KERNELS
+
+    assert set(LOSS_METHODS) == set(losses.CONTRASTIVE_METHODS) | set(losses.SUPERVISED_METHODS)
+    assert set(KERNELS) == set(losses.KERNELS)
+    assert set(BACKBONES) == set(models.BACKBONES)
+    assert set(HEADS) == set(models.HEADS)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_build_kwargs_are_accepted_by_build_loss(method):
+    from brainage_core.losses import build_loss
+
+    cfg = config_from_dict({"loss": {"method": method}})
+    build_loss(cfg.loss.method, **cfg.loss.build_kwargs())
