@@ -353,3 +353,38 @@ def test_evaluator_without_test_splits():
     own = MemoryStore({"train": store.table("train").drop(columns="split")}, {"train": store.array("train")})
     m = Evaluator(own, EvaluationConfig(val_internal_frac=0.2, val_external_frac=0.2)).evaluate(FlattenModel())
     assert not m["leaked"] and math.isnan(m["test_mae_int"]) and m["val_bacc"] > 0.9
+
+
+def test_evaluator_on_a_real_prepared_store(tmp_path):
+    from brainage_core.data.store import StoreWriter, open_store
+
+    mem = make_store(seed=2)
+    tables = []
+    with StoreWriter(tmp_path / "store") as writer:
+        for split in mem.splits:
+            table = mem.table(split)
+            array = mem.array(split)
+            for row in range(len(table)):
+                assert writer.append(split, array[row]) == row
+            tables.append(table)
+        writer.finish(pd.concat(tables, ignore_index=True), {"grid": "tiny", "fingerprint": "test", "source": "mem"})
+    store = open_store(tmp_path / "store")
+    m = Evaluator(store, EvaluationConfig(val_internal_frac=0.15, val_external_frac=0.25)).evaluate(FlattenModel())
+    m_mem = Evaluator(mem, EvaluationConfig(val_internal_frac=0.15, val_external_frac=0.25)).evaluate(FlattenModel())
+    for key in ("val_lc", "val_bacc", "test_mae_ext", "test_bacc"):
+        assert m[key] == pytest.approx(m_mem[key]), key
+    assert m["leaked"] is False and m["val_bacc"] > 0.95
+
+
+def test_extract_features_of_a_real_model():
+    from brainage_core.grids import grid_shape
+    from brainage_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", "contrastive", base_width=4)
+    array = np.random.default_rng(0).random((5, 1, *grid_shape("6mm"))).astype(np.float16)
+    feats = extract_features(model, array, [4, 0, 2], batch_size=2, device="cpu")
+    assert feats.dtype == np.float32 and feats.shape[0] == 3 and np.isfinite(feats).all()
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-4)  # L2-normalised projection
+    again = extract_features(model, array, [0, 2, 4], batch_size=3, device="cpu")
+    np.testing.assert_allclose(feats[[1, 2, 0]], again, atol=1e-5)
