@@ -541,8 +541,10 @@ def _defaults_for_method(d: dict[str, Any]) -> dict[str, Any]:
     if "temperature" not in loss and method == "rnc":
         loss["temperature"] = RNC_DEFAULT_TEMPERATURE
     d["loss"] = loss
-    model = d.get("model") if isinstance(d.get("model"), Mapping) else {}
-    model = dict(model) if model is not None else {}
+    raw_model = d.get("model", {})
+    if not isinstance(raw_model, Mapping):  # left for the type check to report
+        return d
+    model = dict(raw_model)
     if "head" not in model and method in SUPERVISED_LOSS_METHODS:
         model["head"] = "regression"
     if "feature" not in model and model.get("head") == "regression":

@@ -108,6 +108,7 @@ def test_unknown_key_names_full_path_and_suggestion(tmp_path, d, needles):
         ({"optimizer": {"lr": "fast"}}, ["optimizer.lr", "'fast'", "number"]),
         ({"loss": {"method": 3}}, ["loss.method", "3", "one of"]),
         ({"loss": "yaware"}, ["loss", "'yaware'", "mapping"]),
+        ({"loss": {"method": "l1"}, "model": "resnet18"}, ["model = 'resnet18'", "mapping"]),
         ({"model": {"base_width": None}}, ["model.base_width", "None", "integer"]),
     ],
 )
