@@ -67,6 +67,10 @@ def write_mask(path: str | Path) -> np.ndarray:
     import nibabel as nib
 
     gm = gm_probability_map()
+    # float32(0.05) > 0.05 holds in float64 but not in float32: nudge those voxels just below the
+    # threshold so that readers comparing in either precision find the same mask.
+    threshold32 = np.float32(MASK_THRESHOLD)
+    gm[gm == threshold32] = np.nextafter(threshold32, np.float32(0.0))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.nii.gz")
     nib.save(nib.Nifti1Image(gm, FULL_AFFINE), str(tmp))

@@ -1,0 +1,71 @@
+"""Helpers of test_export.py and test_predict.py: a trained study folder without Ray, and RAMP rows.
+
+:func:`trained_study` trains tiny models (resnet18, base width 4, 6 mm grid) with the project's own
+training loop and writes the study folder as the runner does (``config.yaml``, ``results.parquet``
+through ``study.results.ResultsTable``, one checkpoint folder per evaluation), so that the export reads
+real checkpoints and real metrics in a few seconds. :func:`full_grid_store` prepares a handful of
+full-grid synthetic subjects (one row of the kit's width is 14.6 MB: keep them few).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from brainage_core.data.prepare import prepare
+from brainage_core.data.synthetic import generate_cohort
+
+
+def small_store(root: Path, *, subjects: int = 30, sites: int = 4, seed: int = 0) -> Path:
+    """A 6 mm synthetic store (openbhb layout) under ``root``."""
+    generate_cohort(root / "cohort6", subjects=subjects, sites=sites, grid="6mm", seed=seed, progress=False)
+    prepare(root / "cohort6", layout="openbhb", out=root / "store6", grid="6mm", progress=False)
+    return root / "store6"
+
+
+def experiment_config(store: Path, *, temperature: float, epochs: int = 2) -> dict:
+    return {
+        "data": {"store": str(store), "grid": "6mm"},
+        "model": {"backbone": "resnet18", "base_width": 4},
+        "loss": {"method": "yaware", "kernel": "rbf", "sigma": 5.0, "temperature": temperature},
+        "optimizer": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0},
+        "schedule": {"name": "none"},
+        "training": {"epochs": epochs, "batch_size": 6, "views": 2, "loader_workers": 0, "device": "cpu", "seed": 0},
+        "evaluation": {"eval_every": 1, "batch_size": 12, "val_internal_frac": 0.15, "val_external_frac": 0.2},
+    }
+
+
+def trained_study(folder: Path, store: Path, *, temperatures: tuple[float, ...] = (0.1, 0.5), epochs: int = 2) -> Path:
+    """Train one trial per temperature and write the study folder; returns it."""
+    from brainage_core.training import train
+    from study.results import ResultsTable
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = experiment_config(store, temperature=temperatures[0], epochs=epochs)
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump({**base, "search": {"loss.temperature": {"loguniform": [0.05, 1.0]}}, "study": {}})
+    )
+    table = ResultsTable(folder / "results.parquet", param_keys=["loss.temperature"],
+                         static={"store_fingerprint": "", "git_commit": "test", "versions": "{}"}, resume=False)
+    for i, temperature in enumerate(temperatures):
+        trial = f"trial{i}"
+
+        def keep(metrics: dict, checkpoint_dir: Path | None, trial: str = trial, temperature: float = temperature):
+            row = table.add(trial, {"loss.temperature": temperature}, metrics, seed=0)
+            if checkpoint_dir is not None:
+                kept = folder / "checkpoints" / trial / f"epoch{row['epoch']}"
+                shutil.copytree(checkpoint_dir, kept)
+                table.set_checkpoint(trial, str(kept))
+
+        train(experiment_config(store, temperature=temperature, epochs=epochs), folder / "runs" / trial, callback=keep)
+        table.set_status(trial, "completed")
+    return folder
+
+
+def full_grid_store(root: Path, *, subjects: int = 5, sites: int = 2) -> Path:
+    """A full-grid synthetic store (train, internal and external rows) under ``root``."""
+    generate_cohort(root / "cohort_full", subjects=subjects, sites=sites, grid="full", seed=1, progress=False)
+    prepare(root / "cohort_full", layout="openbhb", out=root / "store_full", progress=False)
+    return root / "store_full"

@@ -1,0 +1,214 @@
+"""RAMP export: ramp-rows, estimator.py (sanitizer, the workflow's calling contract, exact features),
+study/export.py (ranking, metadata, bad input).
+
+A study folder is trained here without Ray (``study_fixtures.trained_study``: the project's training
+loop and results writer, 6 mm grid, resnet18 of base width 4); the report and export on a real
+Ray smoke study are exercised in test_analysis.py. Rows of the kit's full width come from a full-grid
+synthetic store of 5 subjects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from study_fixtures import full_grid_store, small_store, trained_study
+
+from brainage_core.data.prepare import prepare
+from brainage_core.data.ramp_rows import MASK_FILE, RAMP_WIDTH, write_ramp_rows
+from brainage_core.data.store import open_store
+from brainage_core.errors import ConfigError, DataError, StoreError
+from brainage_core.evaluation import extract_features
+from brainage_core.export import ExportError, check_sanitizer, forbidden_words
+from brainage_core.training import load_model_from_checkpoint
+from study.export import export_submission, export_top_k, rank_checkpoints
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(study folder, 6 mm store, RAMP rows folder, 6 mm store prepared from those rows)."""
+    root = tmp_path_factory.mktemp("export")
+    store6 = small_store(root)
+    study = trained_study(root / "study", store6)
+    full = full_grid_store(root)
+    proc = subprocess.run([sys.executable, "-m", "brainage_core.data", "ramp-rows", str(full), "--out",
+                           str(root / "ramp")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows6 = prepare(root / "ramp", layout="ramp", mask=root / "ramp" / MASK_FILE, out=root / "rows6", grid="6mm",
+                    progress=False)
+    return {"root": root, "study": study, "store6": store6, "full": full, "ramp": root / "ramp", "rows6": rows6.path}
+
+
+def test_ramp_rows_layout(world):
+    ramp, full = world["ramp"], open_store(world["full"])
+    mask = np.asarray(nib.load(str(ramp / MASK_FILE)).get_fdata()) > 0.05
+    assert mask.shape == (121, 145, 121) and 300_000 < mask.sum() < RAMP_WIDTH
+    n_vbm = int(mask.sum())
+    train = np.load(ramp / "train.npy", mmap_mode="r")
+    test = np.load(ramp / "test.npy", mmap_mode="r")
+    assert train.dtype == np.float32 and train.shape == (full.array("train").shape[0], RAMP_WIDTH)
+    n_int, n_ext = full.array("internal_test").shape[0], full.array("external_test").shape[0]
+    assert test.shape == (n_int + n_ext, RAMP_WIDTH)
+    test_table = pd.read_csv(ramp / "test.tsv", sep="\t", dtype={"participant_id": str})
+    assert list(test_table["split"]) == ["internal_test"] * n_int + ["external_test"] * n_ext
+    expected = full.table("external_test")["participant_id"].tolist()
+    assert test_table["participant_id"].tolist()[n_int:] == expected
+    for part, split, i in (("train", "train", 0), ("test", "internal_test", 0), ("test", "external_test", 0)):
+        row = np.asarray((train if part == "train" else test)[i if split != "external_test" else n_int])
+        volume = full.array(split)[0, 0].astype(np.float32)
+        np.testing.assert_array_equal(row[:n_vbm], volume[mask])  # C order of the mask
+        assert not row[n_vbm:].any()  # the other modalities are zeros
+    # the table keeps the challenge label as siteXacq and the raw site as site
+    train_table = pd.read_csv(ramp / "train.tsv", sep="\t", dtype=str)
+    assert train_table["siteXacq"].tolist() == full.table("train")["site"].tolist()
+
+
+def test_ramp_rows_refuses_a_coarse_store(world, tmp_path):
+    with pytest.raises(StoreError, match="expected a VBM store on the full grid"):
+        write_ramp_rows(world["store6"], tmp_path / "out")
+
+
+def test_estimator_passes_the_sanitizer(world, tmp_path):
+    from rampwf.utils.sanitize import _sanitize_input
+
+    out = export_submission(world["study"], tmp_path / "sub")
+    text = (out / "estimator.py").read_text()
+    _sanitize_input(text)  # ramp-workflow's own check raises RuntimeError on a forbidden word
+    assert forbidden_words(text) == []
+    assert not re.search(r"^\s*(from|import)\s+(brainage_core|study|analysis)\b", text, re.MULTILINE)
+    # the checker does catch what the platform rejects
+    for bad in ("import subprocess", "x = open('f')", "# OpenBHB", "shutil.rmtree(p)"):
+        with pytest.raises(ExportError, match="forbidden substring"):
+            check_sanitizer(text + "\n" + bad + "\n")
+
+
+DRIVER = textwrap.dedent(
+    """
+    # Drives estimator.py as the challenge workflow does (openbhb.md, "Challenge submission").
+    import os, sys
+    import numpy as np
+    submission, ramp, out = sys.argv[1:4]
+    os.environ["VBM_MASK"] = os.path.join(ramp, "{mask}")
+    os.environ["QUASIRAW_MASK"] = os.path.join(ramp, "{mask}")
+    from rampwf.utils.importing import import_module_from_source
+    module = import_module_from_source(os.path.join(submission, "estimator.py"), "estimator", sanitize=True)
+    estimator = module.get_estimator().fit(None, None)
+
+    def set_indices(value):
+        for _, step in estimator.steps:
+            if hasattr(step, "indices"):
+                step.indices = value
+
+    results = {{}}
+    for part in ("train", "test"):
+        X = np.load(os.path.join(ramp, part + ".npy"), mmap_mode="r")
+        set_indices(np.array([len(X) - 1, 0]))
+        results[part + "_fold"] = estimator.predict(X)
+        set_indices(range(len(X)))
+        results[part] = estimator.predict(X)
+        set_indices(None)
+        results[part + "_none"] = estimator.predict(X)
+        step = estimator.steps[-1][1]
+        results[part + "_volumes"] = module.preprocess_rows(np.asarray(X[:]), step.mask_)
+    assert "brainage_core" not in sys.modules, "estimator.py must not need the project"
+    np.savez(out, **results)
+    """
+).format(mask=MASK_FILE)
+
+
+def test_workflow_in_fresh_process_gives_the_model_features(world, tmp_path):
+    out = tmp_path / "sub"
+    proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(world["study"]), "--out", str(out),
+                           "--batch-size", "2"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["estimator.py", "metadata.pkl", "weights.pth"]
+    weights = torch.load(out / "weights.pth", weights_only=True)
+    meta = pd.read_pickle(out / "metadata.pkl")
+    model, config = load_model_from_checkpoint(meta["checkpoint"])
+    assert set(weights) == {"model"} and weights["model"].keys() == model.state_dict().keys()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    clean_env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # the server does not have the project
+    proc = subprocess.run([sys.executable, str(driver), str(out), str(world["ramp"]), str(tmp_path / "f.npz")],
+                          capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp_path / "f.npz")
+    rows6 = open_store(world["rows6"])
+    p = model.feature_dim
+    for part, splits in (("train", ("train",)), ("test", ("internal_test", "external_test"))):
+        volumes = np.concatenate([rows6.array(s) for s in splits])
+        # the estimator's preprocessing is the store's, bit for bit
+        np.testing.assert_array_equal(got[part + "_volumes"], volumes)
+        expected = extract_features(model, volumes, batch_size=4)
+        assert got[part].shape == (len(volumes), p) and got[part].dtype == np.float32
+        np.testing.assert_allclose(got[part], expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[part + "_none"], expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[part + "_fold"], expected[[len(volumes) - 1, 0]], atol=1e-5, rtol=0)
+
+
+def test_metadata_and_ranking(world, tmp_path):
+    ranked = rank_checkpoints(world["study"], "val_mae_ext")
+    results = pd.read_parquet(world["study"] / "results.parquet")
+    best = results.groupby("trial_id")["val_mae_ext"].min().sort_values()
+    assert ranked["trial_id"].tolist() == best.index.tolist()
+    assert ranked["val_mae_ext"].tolist() == pytest.approx(best.tolist())
+    paths = export_top_k(world["study"], tmp_path / "top", top_k=5, metric="val_mae_ext")
+    assert [p.name for p in paths] == ["top-rank1", "top-rank2"]
+    meta = pd.read_pickle(paths[1] / "metadata.pkl")
+    assert meta["rank"] == 2 and meta["trial_id"] == ranked["trial_id"].iloc[1] and meta["metric"] == "val_mae_ext"
+    assert meta["metrics"]["val_mae_ext"] == pytest.approx(ranked["val_mae_ext"].iloc[1])
+    assert meta["config"]["loss"]["temperature"] == pytest.approx(ranked["param.loss.temperature"].iloc[1])
+    store = open_store(world["store6"])
+    assert meta["store_fingerprint"] == store.fingerprint and meta["model_spec"]["grid"] == "6mm"
+    # the age probe maps the model's features to ages; the bias line is fitted on validation predictions
+    model, _ = load_model_from_checkpoint(meta["checkpoint"])
+    feats = extract_features(model, store.array("train"))
+    predicted = meta["age_probe"].predict(feats)
+    assert predicted.shape == (store.array("train").shape[0],) and np.isfinite(predicted).all()
+    bias = meta["bias_correction"]
+    assert bias["n"] >= 2 and np.isfinite([bias["slope"], bias["intercept"]]).all()
+
+
+def _copy_study(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "checkpoints"))
+    table = pd.read_parquet(dst / "results.parquet")
+    for column, value in changes.items():
+        table[column] = value
+    table.to_parquet(dst / "results.parquet")
+    return dst
+
+
+def test_bad_inputs(world, tmp_path):
+    study = world["study"]
+    unfinished = _copy_study(study, tmp_path / "unfinished", status="running")
+    with pytest.raises(DataError, match="no finished trial"):
+        rank_checkpoints(unfinished)
+    gone = _copy_study(study, tmp_path / "gone", checkpoint_path=str(tmp_path / "deleted" / "checkpoint"))
+    with pytest.raises(DataError, match="no checkpoint stored"):
+        export_submission(gone, tmp_path / "x")
+    with pytest.raises(ConfigError, match="unknown metric 'val_nope'"):
+        rank_checkpoints(study, "val_nope")
+    with pytest.raises(ConfigError, match="selects on test data"):
+        rank_checkpoints(study, "test_lc")
+    with pytest.raises(ConfigError, match="--rank 9"):
+        export_submission(study, tmp_path / "x", rank=9)
+    with pytest.raises(DataError, match="does not exist"):
+        rank_checkpoints(tmp_path / "nowhere")
+    proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(unfinished), "--out",
+                           str(tmp_path / "y")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("export: error:") and "no finished trial" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, no traceback
