@@ -52,7 +52,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="study name (default: the YAML's file stem)")
     p.add_argument("--storage", default="studies", help="folder holding the studies (default: ./studies)")
     p.add_argument("--resume", action="store_true", help="continue the killed or interrupted study of that name")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def resolved_config(space: SearchSpace, overrides: Sequence[str]) -> dict[str, Any]:
@@ -197,6 +197,8 @@ def progress_table(df: Any, space: SearchSpace) -> str:
         if trial_best is not None and (best_value is None or (trial_best < best_value if st.mode == "min"
                                                               else trial_best > best_value)):
             best_trial, best_value = trial_id, trial_best
+    sign = 1 if st.mode == "min" else -1
+    rows.sort(key=lambda r: (r[-1] is None, sign * r[-1] if r[-1] is not None else 0.0))  # leaderboard order
     cells = [header] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for i, r in enumerate(cells):
