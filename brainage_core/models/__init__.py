@@ -94,9 +94,7 @@ def build_model(backbone: str, head: str = "contrastive", **options: Any) -> nn.
     ``ConfigError`` listing the valid choices.
     """
     if backbone not in BACKBONES:
-        raise ConfigError(
-            f"model.backbone: unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}"
-        )
+        raise ConfigError(f"model.backbone: unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
     if head not in HEADS:
         raise ConfigError(f"model.head: unknown head {head!r}; expected one of {', '.join(HEADS)}")
     unknown = sorted(set(options) - set(MODEL_OPTIONS))

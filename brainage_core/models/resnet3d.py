@@ -33,8 +33,7 @@ RESNET_LAYERS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 def _check_volume_batch(x: torch.Tensor, name: str) -> None:
     if x.dim() != 5 or x.shape[1] != 1:
         raise ValueError(
-            f"{name} expects a batch of one-channel volumes of shape (B, 1, D, H, W); "
-            f"got input shape {tuple(x.shape)}"
+            f"{name} expects a batch of one-channel volumes of shape (B, 1, D, H, W); got input shape {tuple(x.shape)}"
         )
 
 
