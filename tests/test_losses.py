@@ -313,7 +313,7 @@ def log_space_tails(monkeypatch):
     """Force the log-space fallback of the ranked tail sums (used when a row spans ≥ 600 in s)."""
     import brainage_core.losses.ranking as ranking
 
-    monkeypatch.setattr(ranking, "LINEAR_RANGE_LIMIT", 0.0)
+    monkeypatch.setattr(ranking, "LINEAR_RANGE_LIMITS", {})
 
 
 @pytest.mark.parametrize("seed,views", BATCHES)
@@ -346,17 +346,21 @@ def test_wide_similarity_rows_take_the_log_space_path_and_stay_finite():
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), method
 
 
-def test_linear_and_log_space_tails_agree_in_float32_at_small_temperature(monkeypatch):
+@pytest.mark.parametrize("temperature", (0.1, 0.01))
+def test_float32_float64_and_log_space_tails_agree(monkeypatch, temperature):
     import brainage_core.losses.ranking as ranking
 
     features, ages = random_batch(11, 64, 2, dim=16)
     features, ages = features.float(), ages.float() * 3
+    cases = (("threshold", {"kernel": "rbf", "form": "paper"}), ("threshold", {"kernel": "rbf", "form": "paper",
+             "threshold_margin": 2.0}), ("rnc", {}))
     values = []
-    for limit in (600.0, 0.0):
-        monkeypatch.setattr(ranking, "LINEAR_RANGE_LIMIT", limit)
-        values.append([build_loss(m, temperature=0.01, **o)(features, ages).item() for m, o in
-                       (("threshold", {"kernel": "rbf", "form": "paper"}), ("rnc", {}))])
-    assert values[0] == pytest.approx(values[1], rel=1e-4)
+    # τ = 0.1: float32 linear sums; τ = 0.01: float64 linear sums (rows span up to 200); then log space
+    for limits in (dict(ranking.LINEAR_RANGE_LIMITS), {torch.float64: 600.0}, {}):
+        monkeypatch.setattr(ranking, "LINEAR_RANGE_LIMITS", limits)
+        values.append([build_loss(m, temperature=temperature, **o)(features, ages).item() for m, o in cases])
+    assert values[0] == pytest.approx(values[2], rel=1e-5)
+    assert values[1] == pytest.approx(values[2], rel=1e-5)
 
 
 def test_tie_group_bounds_equal_a_binary_search():

@@ -132,10 +132,6 @@ class ContrastiveBatch:
         """N = V·B, the number of embeddings."""
         return self.embeddings.shape[0]
 
-    def anchor_ages(self) -> torch.Tensor:
-        """(n,) ages of the anchors."""
-        return self.ages[self.anchors]
-
     def anchor_subjects(self) -> torch.Tensor:
         """(n,) subject of each anchor (anchor index mod B)."""
         return self.anchors % self.subjects
@@ -147,10 +143,6 @@ class ContrastiveBatch:
     def similarities(self, temperature: float) -> torch.Tensor:
         """(n, N) s_ab = z_a·z_b / τ for the anchors a against all embeddings b (self included)."""
         return self.embeddings[self.anchors] @ self.embeddings.T / temperature
-
-    def age_differences(self) -> torch.Tensor:
-        """(n, N) y_a − y_b for the anchors a against all embeddings b."""
-        return self.anchor_ages().unsqueeze(1) - self.ages.unsqueeze(0)
 
     def self_mask(self) -> torch.Tensor:
         """(n, N) bool, True at each anchor's own column (the sums over b exclude b = a)."""
@@ -278,8 +270,13 @@ class KernelWeightedLoss(ContrastiveLoss):
         return self.temperature / self.base_temperature
 
     def positive_weights(self, batch: ContrastiveBatch) -> torch.Tensor:
-        """(n, N) W_ab = K(y_a − y_b) for the anchors a against all embeddings b."""
-        return self.kernel(batch.age_differences())
+        """(n, N) W_ab = K(y_a − y_b) for the anchors a against all embeddings b.
+
+        Computed on the B×B subject ages and tiled over the views (the same values, V² fewer kernels).
+        """
+        subject_ages = batch.subject_ages()
+        subject_weights = self.kernel(subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0))
+        return subject_weights[batch.anchor_subjects()].repeat(1, batch.views)
 
     def log_denominators(
         self, batch: ContrastiveBatch, similarities: torch.Tensor, weights: torch.Tensor, self_mask: torch.Tensor

@@ -10,42 +10,42 @@ Never an N×N×N tensor: each anchor's row is ordered by age distance (ages only
 cumulative sum along that order from the farthest sample inwards (the reversed cumulative sum of the
 ascending order) gives every tail sum at once, and a binary search finds each k's cut-off (with
 δ = 0 the cut-offs are the tie-group bounds of the sorted rows, found without the search). Ages are
-tiled over the V views, so the sort and the binary searches run on the B×B subject matrix and are
-expanded to N columns (the V views of a subject are adjacent in the order).
+tiled over the V views, so the sort and the searches run on the B×B subject matrix and are expanded
+to N columns (the V views of a subject are adjacent in the order). Each anchor's own column is put
+last in its row, so a tail never reaches it except the whole row (inclusive, cut at distance 0),
+which is cut one short.
 
-The tail sums are taken in float64 after subtracting each row's maximum (a constant): exact to
-rounding as long as a row spans less than ``LINEAR_RANGE_LIMIT`` in s (τ ≥ 0.002 for unit vectors).
-Wider rows fall back to a cumulative logsumexp along the same order, which is slower but has no range limit.
+The tail sums are taken in the linear domain after subtracting each row's maximum (a constant), in
+float32 when every row spans less than 75 in s (exp(−75) is a normal float32: τ ≥ 0.027 for unit
+vectors), else in float64 up to a span of 600; wider rows fall back to a cumulative logsumexp along
+the same order, slower but with no range limit.
 """
 
 from __future__ import annotations
 
 import torch
 
-LINEAR_RANGE_LIMIT = 600.0  # exp(-600) ≈ 1e-261: far inside float64, so no tail underflows to 0
+# largest row span (max − min of s) for which exp(s − max) cannot underflow to 0 or lose precision
+LINEAR_RANGE_LIMITS: dict[torch.dtype, float] = {torch.float32: 75.0, torch.float64: 600.0}
 
 
-def _ranked_columns(
-    subject_ages: torch.Tensor, anchor_subjects: torch.Tensor, views: int, margin: float, inclusive: bool
+def _subject_ranking(
+    subject_ages: torch.Tensor, margin: float, inclusive: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, N) columns ordered from the farthest in age to the nearest, and (n, N) tail lengths.
-
-    The tail length of k is the number of embeddings with |y_a − y_j| > |y_a − y_k| + margin
-    (≥ |y_a − y_k| when ``inclusive``): they are the first ones of the order.
-    """
+    """(B, B) subjects ordered from the farthest in age to the nearest (each row's own subject last)
+    and (B, B) the number of subjects in the tail of each subject k: |y_i − y_l| > |y_i − y_k| + margin
+    (≥ |y_i − y_k| when ``inclusive``)."""
     subjects = subject_ages.shape[0]
-    with torch.no_grad():
-        distances = (subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0)).abs()  # (B, B)
-        ascending, order = torch.sort(distances, dim=1)
-        if margin == 0:
-            nearer = _tie_group_bounds(ascending, order, after=not inclusive)
-        else:
-            nearer = torch.searchsorted(ascending, (distances + margin).contiguous(), right=True)
-        view_offsets = torch.arange(views, device=order.device) * subjects
-        columns = (order.flip(1).unsqueeze(-1) + view_offsets).reshape(subjects, subjects * views)
-        # column k of the N stacked embeddings is subject k mod B: tile the subject tail lengths
-        lengths = ((subjects - nearer) * views).repeat(1, views)
-    return columns[anchor_subjects], lengths[anchor_subjects]
+    distances = (subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0)).abs()  # (B, B)
+    own = torch.eye(subjects, dtype=torch.bool, device=distances.device)
+    # sorting key: the own subject first among the zero distances (hence last once reversed)
+    order = torch.sort(distances.masked_fill(own, -1.0), dim=1).indices
+    ascending = torch.gather(distances, 1, order)
+    if margin == 0:
+        nearer = _tie_group_bounds(ascending, order, after=not inclusive)
+    else:
+        nearer = torch.searchsorted(ascending, (distances + margin).contiguous(), right=not inclusive)
+    return order.flip(1), subjects - nearer
 
 
 def _tie_group_bounds(ascending: torch.Tensor, order: torch.Tensor, *, after: bool) -> torch.Tensor:
@@ -68,44 +68,62 @@ def _tie_group_bounds(ascending: torch.Tensor, order: torch.Tensor, *, after: bo
     return torch.empty_like(bounds).scatter_(1, order, bounds)
 
 
+def _ranked_columns(
+    subject_ages: torch.Tensor, anchors: torch.Tensor, views: int, margin: float, inclusive: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, N) each anchor's columns from the farthest in age to the nearest, its own column last,
+    and (n, N) the tail length of each column k (how many of the first columns form T_ak)."""
+    subjects = subject_ages.shape[0]
+    size = subjects * views
+    with torch.no_grad():
+        order, tail_subjects = _subject_ranking(subject_ages, margin, inclusive)
+        anchor_subjects, anchor_views = anchors % subjects, anchors // subjects
+        # within every subject block, the anchor's own view comes last
+        view_order = (torch.arange(views, device=anchors.device) + anchor_views.unsqueeze(1) + 1) % views
+        columns = order[anchor_subjects].unsqueeze(2) + (view_order * subjects).unsqueeze(1)
+        # column k of the N stacked embeddings is subject k mod B: tile the subject tail lengths
+        lengths = (tail_subjects[anchor_subjects] * views).repeat(1, views).clamp_max(size - 1)
+    return columns.reshape(anchors.shape[0], size), lengths
+
+
 def ranked_log_denominators(
     similarities: torch.Tensor,
-    self_mask: torch.Tensor,
     subject_ages: torch.Tensor,
-    anchor_subjects: torch.Tensor,
+    anchors: torch.Tensor,
     views: int,
     *,
     margin: float = 0.0,
     inclusive: bool = False,
     add_positive: bool = False,
 ) -> torch.Tensor:
-    """(n, N) log(T_ak), or log(exp(s_ak) + T_ak) with ``add_positive``; 0 on each anchor's own column.
+    """(n, N) log T_ak, or log(exp(s_ak) + T_ak) with ``add_positive``.
 
-    ``similarities`` (n, N) s_ab of the anchors against all embeddings, ``self_mask`` (n, N) True at
-    each anchor's own column, ``subject_ages`` (B,), ``anchor_subjects`` (n,) = anchor index mod B.
-    Every T_ak used must be non-empty unless ``add_positive`` (callers guarantee it: rnc includes k).
+    ``similarities`` (n, N) s_ab of the anchors against all N embeddings, ``subject_ages`` (B,),
+    ``anchors`` (n,) the anchors' indices in the view-major stacking. Every T_ak used must be
+    non-empty unless ``add_positive`` (rnc's always holds k itself). The value on an anchor's own
+    column is finite but meaningless: callers give it weight 0.
     """
-    columns, lengths = _ranked_columns(subject_ages, anchor_subjects, views, margin, inclusive)
-    row_max = similarities.detach().max(dim=1, keepdim=True).values
-    row_min = similarities.detach().masked_fill(self_mask, float("inf")).min(dim=1, keepdim=True).values
-    if bool(((row_max - row_min) < LINEAR_RANGE_LIMIT).all()):
-        shifted = (similarities - row_max).to(torch.float64)
-        terms = torch.exp(shifted).masked_fill(self_mask, 0.0)
+    columns, lengths = _ranked_columns(subject_ages, anchors, views, margin, inclusive)
+    row_min, row_max = torch.aminmax(similarities.detach(), dim=1, keepdim=True)
+    span = float((row_max - row_min).max())
+    work_dtype = None
+    for dtype in (similarities.dtype, torch.float64):
+        if span < LINEAR_RANGE_LIMITS.get(dtype, 0.0):
+            work_dtype = dtype
+            break
+
+    if work_dtype is not None:
+        terms = torch.exp(similarities.to(work_dtype) - row_max.to(work_dtype))
         prefix = torch.cumsum(torch.gather(terms, 1, columns), dim=1)
         prefix = torch.cat([torch.zeros_like(prefix[:, :1]), prefix], dim=1)  # prefix[:, L] = sum of the first L
         denominators = torch.gather(prefix, 1, lengths)
         if add_positive:
             denominators = denominators + terms
-        denominators = denominators.masked_fill(self_mask, 1.0)
-        return (torch.log(denominators) + row_max.to(torch.float64)).to(similarities.dtype).masked_fill(self_mask, 0.0)
+        return (torch.log(denominators) + row_max.to(work_dtype)).to(similarities.dtype)
 
-    # Wide rows: the same sums in log space. The anchor's own column gets a value far below every
-    # other one (a constant), so it adds nothing and no −inf enters the cumulative logsumexp.
-    floor = row_min - 1e4
-    masked = torch.where(self_mask, floor.expand_as(similarities), similarities)
-    prefix = torch.logcumsumexp(torch.gather(masked, 1, columns), dim=1)
+    prefix = torch.logcumsumexp(torch.gather(similarities, 1, columns), dim=1)
     prefix = torch.cat([torch.full_like(prefix[:, :1], float("-inf")), prefix], dim=1)
     log_denominators = torch.gather(prefix, 1, lengths)
     if add_positive:
         log_denominators = torch.logaddexp(similarities, log_denominators)
-    return log_denominators.masked_fill(self_mask, 0.0)
+    return log_denominators

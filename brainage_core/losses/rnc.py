@@ -10,8 +10,8 @@ d_ab = |y_a − y_b| the label distance (``../shared/docs/losses.md``)::
 k is in its own denominator; no τ/τ₀ factor. Computed in O(N² log N) time and O(N²) memory: each
 anchor's row is sorted by label distance, a reversed cumulative logsumexp gives every tail sum, and a
 binary search finds each k's first tied position. Distances come from the Gram matrix; the squared
-distance is clamped away from 0 (relative to the rounding error of ‖z_a‖² + ‖z_b‖²) before the square
-root, so identical views give a finite, zero gradient.
+distance is clamped away from 0 (at the rounding error of ‖z_a‖² + ‖z_b‖² for the largest norm of the
+batch) before the square root, so identical views give a finite, zero gradient.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def pairwise_distances(anchors: torch.Tensor, others: torch.Tensor) -> torch.Ten
     """(n, N) Euclidean distances between the rows of ``anchors`` (n, d) and ``others`` (N, d)."""
     anchor_sq = anchors.square().sum(dim=1, keepdim=True)
     other_sq = others.square().sum(dim=1).unsqueeze(0)
-    squared = anchor_sq + other_sq - 2.0 * (anchors @ others.T)
-    floor = (8.0 * torch.finfo(squared.dtype).eps * (anchor_sq + other_sq)).detach()
-    floor = floor.clamp_min(torch.finfo(squared.dtype).tiny)
-    return torch.sqrt(torch.where(squared > floor, squared, floor))
+    squared = torch.addmm(anchor_sq + other_sq, anchors, others.T, alpha=-2.0)
+    # rounding of the Gram form is ~eps·(‖z_a‖² + ‖z_b‖²): below that a distance is 0 (no gradient)
+    floor = 8.0 * torch.finfo(squared.dtype).eps * 2.0 * float(other_sq.detach().max().clamp_min(1e-30))
+    return torch.sqrt(squared.clamp_min(floor))
 
 
 class RnCLoss(ContrastiveLoss):
@@ -42,11 +42,13 @@ class RnCLoss(ContrastiveLoss):
 
     def anchor_losses(self, batch: ContrastiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
         distances = pairwise_distances(batch.embeddings[batch.anchors], batch.embeddings)
-        similarities = -distances / self.temperature
-        self_mask = batch.self_mask()
+        similarities = distances * (-1.0 / self.temperature)
         log_denominators = ranked_log_denominators(
-            similarities, self_mask, batch.subject_ages(), batch.anchor_subjects(), batch.views, inclusive=True
+            similarities, batch.subject_ages(), batch.anchors, batch.views, inclusive=True
         )
-        terms = (similarities - log_denominators).masked_fill(self_mask, 0.0)
-        losses = -terms.sum(dim=1) / (batch.size - 1)
+        rows = torch.arange(batch.anchors.shape[0], device=batch.anchors.device)
+        own = similarities[rows, batch.anchors] - log_denominators[rows, batch.anchors]
+        # Σ_{k≠a} (s_ak − log D_ak): the full row sums less the anchor's own column
+        total = similarities.sum(dim=1) - log_denominators.sum(dim=1) - own
+        losses = -total / (batch.size - 1)
         return losses, torch.ones_like(losses, dtype=torch.bool)

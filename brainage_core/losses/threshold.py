@@ -86,9 +86,8 @@ class ThresholdLoss(KernelWeightedLoss):
         if self.form == "paper":
             log_denominators = ranked_log_denominators(
                 similarities,
-                self_mask,
                 batch.subject_ages(),
-                batch.anchor_subjects(),
+                batch.anchors,
                 batch.views,
                 margin=self.threshold_margin,
                 add_positive=True,
@@ -100,38 +99,41 @@ class ThresholdLoss(KernelWeightedLoss):
         self, batch: ContrastiveBatch, similarities: torch.Tensor, self_mask: torch.Tensor
     ) -> torch.Tensor:
         with torch.no_grad():
-            counts = self._reference_counts(batch)
-            log_counts = torch.log(counts[batch.anchors]).masked_fill(self_mask, float("-inf"))
+            log_counts = self._reference_log_counts(batch)[batch.anchor_subjects()].repeat(1, batch.views)
+            log_counts = log_counts.masked_fill(self_mask, float("-inf"))
             # anchors without positives are left out of the mean; keep their (unused) terms finite
             no_count = torch.isneginf(log_counts).all(dim=1, keepdim=True)
             log_counts = torch.where(no_count, torch.zeros_like(log_counts), log_counts)
         return torch.logsumexp(similarities + log_counts, dim=1, keepdim=True)
 
-    def _reference_counts(self, batch: ContrastiveBatch) -> torch.Tensor:
-        """(N, N) c_aj = #{k ∈ 1..N : W_jk < W_ja} (/ N for delta_reduction 'mean'); raises on D_a = 0.
+    def _reference_log_counts(self, batch: ContrastiveBatch) -> torch.Tensor:
+        """(B, B) log c between subjects: c_aj = #{k ∈ 1..N : W_jk < W_ja} (/ N for 'mean').
 
-        W is tiled from the B×B subject kernel matrix, so the counts are V times the subject counts.
+        W is the B×B subject kernel matrix tiled V×V, so c_aj = V·#{subjects m : W_jm < W_ja} depends
+        on the subjects of a and j only. Raises :class:`LossError` on an anchor with positives and D_a = 0.
         """
         subject_ages = batch.subject_ages()
-        subject_weights = self.kernel(subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0))  # (B, B)
-        sorted_rows = torch.sort(subject_weights, dim=1).values
+        weights = self.kernel(subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0))  # (B, B)
+        sorted_rows = torch.sort(weights, dim=1).values
         # row l, column i: #{m : W_lm < W_li}, the kernel values compared exactly as computed
-        below = torch.searchsorted(sorted_rows, subject_weights, right=False)
-        counts = (batch.views * below.T).to(subject_weights.dtype).repeat(batch.views, batch.views)
+        counts = batch.views * torch.searchsorted(sorted_rows, weights, right=False).T.to(weights.dtype)
         if self.delta_reduction == "mean":
             counts = counts / batch.size
-        diagonal = torch.eye(batch.size, dtype=torch.bool, device=counts.device)
-        has_positive = subject_weights.repeat(batch.views, batch.views).masked_fill(diagonal, 0.0).sum(dim=1) > 0
-        empty = (counts.masked_fill(diagonal, 0.0).sum(dim=1) == 0) & has_positive
+        # Σ_{j≠a}: the other subjects' V views, and the V − 1 other views of the anchor's own subject
+        own = torch.eye(batch.subjects, dtype=torch.bool, device=weights.device)
+        others_views = float(batch.views - 1)
+        denominator_mass = counts.masked_fill(own, 0.0).sum(dim=1) + others_views * counts.diagonal()
+        positive_mass = weights.masked_fill(own, 0.0).sum(dim=1) + others_views * weights.diagonal()
+        empty = (denominator_mass == 0) & (positive_mass > 0)
         if bool(empty.any()):
-            anchor = int(empty.nonzero()[0, 0])
+            anchor = int(empty.nonzero()[0, 0])  # view 0 of the first such subject
             raise LossError(
                 f"parameter 'ages': threshold (form 'reference') has an empty denominator D_a = 0 for anchor "
-                f"{anchor} (subject {anchor % batch.subjects}, view {anchor // batch.subjects}, age "
-                f"{float(batch.ages[anchor]):g}): no sample j has a sample farther from it than the anchor "
-                "(all ages equal, or V = 1 with an extreme age); use varied ages or form 'paper'"
+                f"{anchor} (subject {anchor}, view 0, age {float(subject_ages[anchor]):g}): no sample j has a "
+                "sample farther from it than the anchor (all ages equal, or V = 1 with an extreme age); use "
+                "varied ages or form 'paper'"
             )
-        return counts
+        return torch.log(counts)
 
 
 def check_margin(value: float) -> float:
