@@ -118,17 +118,31 @@ def test_loss_goes_down_over_epochs(store_path, tmp_path):
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(epoch: int):
+    def callback(metrics, checkpoint_dir):
+        if metrics["epoch"] == epoch:
+            raise Interrupted(epoch)
+
+    return callback
+
+
 def test_resume_equals_uninterrupted(store_path, tmp_path):
-    straight = make_config(store_path, training={"epochs": 3}, evaluation={"eval_every": 2})
-    train(straight, tmp_path / "straight")
-    first = make_config(store_path, training={"epochs": 2}, evaluation={"eval_every": 2})
-    train(first, tmp_path / "resumed")
-    train(straight, tmp_path / "resumed", resume_from=tmp_path / "resumed" / "checkpoint")
+    cosine = {"name": "cosine", "rate": 0.5}
+    cfg = make_config(store_path, training={"epochs": 3}, evaluation={"eval_every": 2}, schedule=cosine)
+    train(cfg, tmp_path / "straight")
+    with pytest.raises(Interrupted):  # dies right after the epoch-2 checkpoint
+        train(cfg, tmp_path / "resumed", callback=interrupt_at(2))
+    train(cfg, tmp_path / "resumed", resume_from=tmp_path / "resumed" / "checkpoint")
     a = read_jsonl(tmp_path / "straight" / "train_log.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "train_log.jsonl")
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-6, rel=0)
+        assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
     ma = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     mb = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["epoch"] for m in mb] == [2, 3]
@@ -137,6 +151,12 @@ def test_resume_equals_uninterrupted(store_path, tmp_path):
     wb = load_checkpoint(tmp_path / "resumed")["model"]
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+    # Extending a finished 2-epoch run to 3 epochs follows the 3-epoch cosine schedule at epoch 3.
+    short = make_config(store_path, training={"epochs": 2}, evaluation={"eval_every": 2}, schedule=cosine)
+    train(short, tmp_path / "extended")
+    train(cfg, tmp_path / "extended", resume_from=tmp_path / "extended")
+    c = read_jsonl(tmp_path / "extended" / "train_log.jsonl")
+    assert c[-1]["epoch"] == 3 and c[-1]["lr"] == pytest.approx(a[-1]["lr"], rel=1e-12)
 
 
 def test_resume_when_finished_reports_stored_metrics(store_path, tmp_path):

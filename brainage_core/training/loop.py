@@ -329,6 +329,11 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The stored LR came from the stored schedule; recompute it under this run's schedule, which may
+        # differ (e.g. more epochs stretch a cosine), so a resumed run follows the uninterrupted one.
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         start_epoch = int(state["epoch"])
         wall_offset = float(state.get("wall_s", 0.0))
         last_metrics = dict(state.get("metrics") or {})
@@ -366,6 +371,7 @@ def train(
         pin_memory=device.type == "cuda",
         generator=loader_gen,
         collate_fn=collate,
+        persistent_workers=tcfg.loader_workers > 0,  # workers hold no random state: resuming is unaffected
     )
     bf16 = bool(tcfg.bf16)
     non_blocking = device.type == "cuda"
