@@ -105,6 +105,7 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "torch_threads": threads,
         "cuda": torch.cuda.is_available(),
+        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)

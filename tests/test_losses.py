@@ -363,8 +363,8 @@ def test_float32_float64_and_log_space_tails_agree(monkeypatch, temperature):
     assert values[1] == pytest.approx(values[2], rel=1e-5)
 
 
-def test_tie_group_bounds_equal_a_binary_search():
-    from brainage_core.losses.ranking import _tie_group_bounds
+def testtie_group_bounds_equal_a_binary_search():
+    from brainage_core.losses.ranking import tie_group_bounds
 
     generator = torch.Generator().manual_seed(12)
     for size in (1, 2, 7, 30):
@@ -373,7 +373,7 @@ def test_tie_group_bounds_equal_a_binary_search():
         ascending, order = torch.sort(distances, dim=1)
         for after in (True, False):
             expected = torch.searchsorted(ascending, distances, right=after)
-            assert torch.equal(_tie_group_bounds(ascending, order, after=after), expected)
+            assert torch.equal(tie_group_bounds(ascending, order, after=after), expected)
 
 
 @pytest.mark.parametrize("method", SUPERVISED_METHODS)

@@ -42,13 +42,13 @@ def _subject_ranking(
     order = torch.sort(distances.masked_fill(own, -1.0), dim=1).indices
     ascending = torch.gather(distances, 1, order)
     if margin == 0:
-        nearer = _tie_group_bounds(ascending, order, after=not inclusive)
+        nearer = tie_group_bounds(ascending, order, after=not inclusive)
     else:
         nearer = torch.searchsorted(ascending, (distances + margin).contiguous(), right=not inclusive)
     return order.flip(1), subjects - nearer
 
 
-def _tie_group_bounds(ascending: torch.Tensor, order: torch.Tensor, *, after: bool) -> torch.Tensor:
+def tie_group_bounds(ascending: torch.Tensor, order: torch.Tensor, *, after: bool) -> torch.Tensor:
     """For each entry (original column order) the number of entries of its row ≤ it (``after``) or < it.
 
     The same as a binary search of every entry in its own sorted row (``searchsorted`` right/left),
@@ -82,7 +82,7 @@ def _ranked_columns(
         view_order = (torch.arange(views, device=anchors.device) + anchor_views.unsqueeze(1) + 1) % views
         columns = order[anchor_subjects].unsqueeze(2) + (view_order * subjects).unsqueeze(1)
         # column k of the N stacked embeddings is subject k mod B: tile the subject tail lengths
-        lengths = (tail_subjects[anchor_subjects] * views).repeat(1, views).clamp_max(size - 1)
+        lengths = (tail_subjects[anchor_subjects] * views).clamp_max(size - 1).repeat(1, views)
     return columns.reshape(anchors.shape[0], size), lengths
 
 

@@ -33,7 +33,7 @@ import torch
 from brainage_core.errors import LossError
 from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss
 from brainage_core.losses.kernels import AgeKernel
-from brainage_core.losses.ranking import ranked_log_denominators
+from brainage_core.losses.ranking import ranked_log_denominators, tie_group_bounds
 
 THRESHOLD_FORMS: tuple[str, ...] = ("reference", "paper")
 DELTA_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
@@ -114,9 +114,10 @@ class ThresholdLoss(KernelWeightedLoss):
         """
         subject_ages = batch.subject_ages()
         weights = self.kernel(subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0))  # (B, B)
-        sorted_rows = torch.sort(weights, dim=1).values
-        # row l, column i: #{m : W_lm < W_li}, the kernel values compared exactly as computed
-        counts = batch.views * torch.searchsorted(sorted_rows, weights, right=False).T.to(weights.dtype)
+        ascending, order = torch.sort(weights, dim=1)
+        # row l, column i: #{m : W_lm < W_li} (a binary search of W_li in its sorted row), the kernel
+        # values compared exactly as computed, ties not counted
+        counts = batch.views * tie_group_bounds(ascending, order, after=False).T.to(weights.dtype)
         if self.delta_reduction == "mean":
             counts = counts / batch.size
         # Σ_{j≠a}: the other subjects' V views, and the V − 1 other views of the anchor's own subject
