@@ -80,7 +80,7 @@ def test_predict_nifti_cohort_cli(world, tmp_path):
         assert row["mean_gap_corrected"] == pytest.approx(g["brain_age_gap_corrected"].mean())
     by_age = pd.read_csv(out.with_name("predictions_by_age.csv"))
     assert by_age["n"].sum() == len(pred)
-    bins = pd.cut(pred["age"], bins=[0, 20, 40, 60, 120], right=False).astype(str)
+    bins = pd.cut(pred["age"], bins=[0.0, 20.0, 40.0, 60.0, 120.0], right=False).astype(str)
     assert sorted(by_age["age_bin"]) == sorted(bins.unique())
     for _, row in by_age.iterrows():
         g = pred[bins == row["age_bin"]]
