@@ -258,3 +258,40 @@ def test_cli_fault_injection_and_resume(store_path, tmp_path, monkeypatch, capsy
     assert load_checkpoint(tmp_path / "out")["epoch"] == 2
     assert main([str(config), "training.nope=1", "--out", str(tmp_path / "bad")]) == 2
     assert "training.nope" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out: str, results: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        seen = []
+        metrics = train(cfg, out, rank=rank, world_size=world_size,
+                        callback=lambda m, d: seen.append([m["epoch"], None if d is None else str(d)]))
+        Path(results, f"{rank}.json").write_text(json.dumps({"metrics": metrics, "seen": seen}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_ddp_on_gloo(store_path, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = make_config(store_path, training={"epochs": 1, "batch_size": 6}, model={"sync_batchnorm": True})
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "0.json").read_text())
+    r1 = json.loads((tmp_path / "1.json").read_text())
+    assert r0["metrics"] == r1["metrics"] and r0["metrics"]["epoch"] == 1
+    assert r0["seen"] == [[1, str(tmp_path / "run" / "checkpoint")]] and r1["seen"] == [[1, None]]
+    state = load_checkpoint(tmp_path / "run")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["generators"]["augment"], state["rng"][1]["generators"]["augment"])
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]

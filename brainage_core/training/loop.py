@@ -300,7 +300,12 @@ def train(
     method = cfg.loss.method
     supervised = method in SUPERVISED
     views = 1 if supervised else tcfg.views
-    model = build_training_model(cfg, sync_batchnorm=cfg.model.sync_batchnorm and world_size > 1).to(device)
+    sync_bn = bool(cfg.model.sync_batchnorm) and world_size > 1
+    if sync_bn and device.type != "cuda":
+        log.warning("model.sync_batchnorm ignored on %s: DistributedDataParallel supports SyncBatchNorm on CUDA "
+                    "only; each rank normalises with its own batch statistics", device)
+        sync_bn = False
+    model = build_training_model(cfg, sync_batchnorm=sync_bn).to(device)
     memory_format = torch.channels_last_3d if cfg.model.channels_last else torch.contiguous_format
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
