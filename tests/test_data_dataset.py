@@ -100,8 +100,10 @@ def test_collate_reuses_the_batch_buffer(store):
     st, _, _ = store
     ds = StoreDataset(st, "train")
     samples = ds.__getitems__([3, 1, 4])
-    x, _, _ = collate(samples)
+    assert len(samples) == 3 and torch.equal(samples[1][0], ds[1][0]) and samples[2][1] == ds[4][1]
+    x, ages, _ = collate(samples)
     assert x.data_ptr() == samples[0][0].data_ptr() and x.shape == (3, 1, 31, 37, 31)
+    assert torch.equal(ages, torch.stack([ds[3][1], ds[1][1], ds[4][1]]))
     x2, _, _ = collate([ds[3], ds[1]])  # independent tensors: stacked
     assert torch.equal(x2[1], ds[1][0])
 

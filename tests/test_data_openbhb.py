@@ -333,3 +333,30 @@ def test_no_split_column_puts_everything_in_train(tmp_path):
     table.drop(columns=["split"]).to_csv(root / "participants.tsv", sep="\t", index=False)
     store = prepare(root, layout="openbhb", out=tmp_path / "store", progress=False)
     assert store.splits == ["train"] and store.manifest["shapes"]["train"][0] == 8
+
+
+def test_quasiraw_modality_keeps_its_own_grid(tmp_path):
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, split in enumerate(["train", "external_test"]):
+        pid = f"q{k}"
+        folder = "train" if split == "train" else "val"
+        path = root / folder / "derivatives" / f"sub-{pid}" / "ses-1" / f"sub-{pid}_preproc-quasiraw_T1w.npy"
+        path.parent.mkdir(parents=True)
+        np.save(path, rng.random((1, 1, 182, 218, 182), dtype=np.float32).astype(np.float16))
+        rows.append({"participant_id": pid, "age": 20.0 + k, "site": "s", "split": split})
+    pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
+    store = prepare(root, layout="openbhb", modality="quasiraw", out=tmp_path / "store", progress=False)
+    assert store.grid == "quasiraw" and store.manifest["shapes"]["external_test"] == [1, 1, 182, 218, 182]
+    np.testing.assert_array_equal(
+        store.array("train")[0],
+        np.load(
+            path.parents[3].parent / "train" / "derivatives" / "sub-q0" / "ses-1" / "sub-q0_preproc-quasiraw_T1w.npy"
+        )[0],
+    )
+    with pytest.raises(ConfigError, match="does not apply to modality 'quasiraw'"):
+        prepare(root, layout="openbhb", modality="quasiraw", grid="3mm", out=tmp_path / "s2")
+    # the VBM files are absent: every row lacks its file
+    with pytest.raises(DataError, match=r"participant 'q0' .*sub-q0_preproc-cat12vbm_desc-gm_T1w.npy\): no file"):
+        prepare(root, layout="openbhb", out=tmp_path / "s3", progress=False)

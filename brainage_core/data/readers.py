@@ -391,6 +391,10 @@ class NiftiReader(Reader):
                 raise VolumeRejected(f"image shape {img.shape}; expected a 3-D image")
             grid = grid_of_shape(shape)
             on_grid = grid is not None and np.allclose(img.affine, grid_affine(grid), atol=1e-2)
+            if self.modality == "quasiraw":
+                on_grid = tuple(shape) == QUASIRAW_SHAPE  # its own 1 mm grid; no resampling offered
+                if not on_grid:
+                    raise VolumeRejected(f"image shape {img.shape}; expected the quasi-raw grid {QUASIRAW_SHAPE}")
             if not on_grid:
                 voxel = "×".join(f"{v:g}" for v in np.abs(np.diag(img.affine)[:3]))
                 found = f"{'×'.join(map(str, shape))} at {voxel} mm"
