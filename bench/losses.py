@@ -1,7 +1,7 @@
 """Forward+backward time of every loss of brainage_core.losses (both forms where there are two).
 
-For N = V·B embeddings (V = 2 views, d = 128, float32, random unit vectors, ages 6–90 years) it
-times ``loss(features, ages).backward()`` — the median of ``--repeats`` (≥ 20) runs after
+For N = V·B embeddings (V = 2 views, d = 128, float32, random unit vectors, continuous ages
+uniform in 6–90 years) it times ``loss(features, ages).backward()`` — the median of ``--repeats`` (≥ 20) runs after
 ``--warmup`` runs, all losses interleaved — on the CPU and, when available, on CUDA, and writes
 ``bench/results/losses.json`` with the figures, the ratio of each loss to ``yaware`` at the same N,
 and machine info. The bar: every loss at N = 512 within 3× the time of ``yaware``.
@@ -53,7 +53,7 @@ def make_case(method: str, options: dict, size: int, device: torch.device):
     """The loss and its inputs at N = ``size``: (loss_fn, leaf tensor with requires_grad, ages)."""
     generator = torch.Generator().manual_seed(size)
     batch = size // VIEWS
-    ages = torch.randint(6, 91, (batch,), generator=generator).float().to(device)
+    ages = (6.0 + 84.0 * torch.rand(batch, generator=generator)).to(device)  # continuous, as in OpenBHB
     loss_fn = build_loss(method, **options)
     if method in ("l1", "mse"):
         leaf = ages + torch.randn(batch, generator=generator).to(device)

@@ -37,9 +37,10 @@ def _subject_ranking(
     (≥ |y_i − y_k| when ``inclusive``)."""
     subjects = subject_ages.shape[0]
     distances = (subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0)).abs()  # (B, B)
-    own = torch.eye(subjects, dtype=torch.bool, device=distances.device)
     # sorting key: the own subject first among the zero distances (hence last once reversed)
-    order = torch.sort(distances.masked_fill(own, -1.0), dim=1).indices
+    key = distances.clone()
+    key.diagonal().fill_(-1.0)
+    order = torch.sort(key, dim=1, stable=True).indices
     ascending = torch.gather(distances, 1, order)
     if margin == 0:
         nearer = tie_group_bounds(ascending, order, after=not inclusive)
@@ -104,7 +105,9 @@ def ranked_log_denominators(
     column is finite but meaningless: callers give it weight 0.
     """
     columns, lengths = _ranked_columns(subject_ages, anchors, views, margin, inclusive)
-    row_min, row_max = torch.aminmax(similarities.detach(), dim=1, keepdim=True)
+    detached = similarities.detach()
+    row_max = detached.amax(dim=1, keepdim=True)
+    row_min = detached.amin(dim=1, keepdim=True)
     span = float((row_max - row_min).max())
     work_dtype = None
     for dtype in (similarities.dtype, torch.float64):

@@ -114,7 +114,7 @@ class ThresholdLoss(KernelWeightedLoss):
         """
         subject_ages = batch.subject_ages()
         weights = self.kernel(subject_ages.unsqueeze(1) - subject_ages.unsqueeze(0))  # (B, B)
-        ascending, order = torch.sort(weights, dim=1)
+        ascending, order = torch.sort(weights, dim=1, stable=True)
         # row l, column i: #{m : W_lm < W_li} (a binary search of W_li in its sorted row), the kernel
         # values compared exactly as computed, ties not counted
         counts = batch.views * tie_group_bounds(ascending, order, after=False).T.to(weights.dtype)
