@@ -501,6 +501,18 @@ def test_build_loss_refuses_bad_parameters(options, message):
         build_loss(method, **options)
 
 
+def test_build_loss_defaults_follow_the_spec():
+    assert build_loss("rnc").temperature == 2.0
+    yaware = build_loss("yaware", kernel="cauchy")
+    assert (yaware.temperature, yaware.base_temperature, yaware.kernel.sigma) == (0.1, 0.07, 1.0)
+    threshold = build_loss("threshold", kernel="rbf")
+    assert (threshold.form, threshold.delta_reduction, threshold.threshold_margin) == ("reference", "sum", 0.0)
+    assert build_loss("expw", kernel="rbf").form == "reference"
+    assert build_loss("supcon", sigma=1.0).temperature == 0.1  # a config's sigma is harmless without a kernel
+    assert set(CONTRASTIVE_METHODS) == {"yaware", "supcon", "threshold", "expw", "rnc"}
+    assert set(SUPERVISED_METHODS) == {"l1", "mse"}
+
+
 def test_expw_accepts_gaussian_at_the_bound():
     build_loss("expw", kernel="gaussian", sigma=1 / math.sqrt(2 * math.pi) + 1e-12)
 
