@@ -245,6 +245,9 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
     st = space.study
     info = start_ray(st.resources, st.max_concurrent_trials, env=_forwarded_env())
+    if st.resources.use_gpu and not ray.cluster_resources().get("GPU"):
+        raise ConfigError(f"{space_path}: study.resources.use_gpu = true but the Ray cluster has no GPU: expected "
+                          f"a GPU machine, or study.resources.use_gpu=false training.device=cpu")
     print(f"[study] Ray dashboard: {info.dashboard_url or 'unavailable'} (bound to 127.0.0.1); {info.auth}",
           flush=True)
     print(f"[study] Optuna dashboard: optuna-dashboard {optuna_storage_url(study_dir)}", flush=True)
@@ -271,7 +274,10 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                                             max_concurrent_trials=st.max_concurrent_trials, reuse_actors=False),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(study_dir),
-                    failure_config=tune.FailureConfig(max_failures=st.max_failures),
+                    # DDP trials already restart their worker group (Train's FailureConfig); one Tune-level
+                    # retry covers the trial process itself, so failures do not multiply.
+                    failure_config=tune.FailureConfig(
+                        max_failures=min(1, st.max_failures) if res.num_workers > 1 else st.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=st.checkpoints_to_keep,
                                                             checkpoint_score_attribute=st.objective,
                                                             checkpoint_score_order=st.mode),
