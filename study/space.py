@@ -14,12 +14,19 @@ top-level blocks::
           rbf: {uniform: [0.5, 5.0]}           # sigma of the RBF kernel (years)
           cauchy: {loguniform: [0.01, 1.0]}    # gamma of the Cauchy kernel (1/years^2)
           # a case may also be {fixed: VALUE}; a choice value with no case keeps the base value
+      loss.threshold_margin:                   # nested: the parent may itself be conditional,
+        depends_on: loss.form                  # and ``when`` adds conditions on other searched keys
+        when: {loss.method: [threshold]}       # (key: value or list of values; all must hold)
+        cases: {paper: {uniform: [0.0, 10.0]}}
     study:
       num_samples: 20                # trials (grid: omitted or equal to the grid size)
       max_concurrent_trials: 1
-      searcher: tpe                  # tpe | random | grid (grid: choice/int/fixed only)
+      searcher: tpe                  # tpe | nsga2 | random | grid (grid: choice/int/fixed only)
       objective: val_mae_ext         # a validation metric; test_* metrics are never optimised
       mode: min                      # min | max
+      # multi-objective instead of objective/mode (Pareto set -> pareto.csv/.parquet):
+      # objectives: [val_mae_ext, val_bacc]; modes: [min, min] (default min for each);
+      # prune_on: val_lc (the one scalar ASHA prunes on and checkpoints are ranked by; default val_lc)
       asha: {grace_period: 50, reduction_factor: 3, brackets: 1}   # or null: no early stopping
       seed: 0                        # the searcher's seed (training.seed is the trials' seed)
       resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1}
@@ -40,6 +47,10 @@ Contracts:
 - Optuna parameter names are the dotted keys, or ``key[case]`` for a conditional parameter
   (``loss.sigma[rbf]``); :meth:`SearchSpace.overrides` maps a sampled parameter dict back to the
   dotted config values of one trial.
+- A conditional parameter is active when its ``depends_on`` parameter is active, that parameter's value
+  has a case, and every ``when`` condition holds; an inactive parameter is not sampled and keeps the
+  base value (so method-dependent defaults of ``brainage_core.config`` apply). Every combination of
+  choices (with the numeric parameters at their bounds) is validated as a whole experiment config.
 """
 
 from __future__ import annotations
@@ -70,7 +81,7 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
-SEARCHERS = ("tpe", "random", "grid")
+SEARCHERS = ("tpe", "nsga2", "random", "grid")
 # What the trials report (brainage_core.evaluation.Evaluator); the objective must be one of these.
 VALIDATION_METRICS = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext", "val_bacc", "val_lc")
 _LOWER_IS_BETTER = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext", "val_lc")
@@ -97,13 +108,29 @@ class Dist:
 
 @dataclass(frozen=True)
 class Param:
-    """A searched key. Unconditional: ``dist`` set. Conditional: ``depends_on`` (an unconditional
-    ``choice`` parameter) and ``cases`` mapping ``str(choice value)`` -> Dist."""
+    """A searched key. Unconditional: ``dist`` set. Conditional: ``depends_on`` (a searched parameter
+    whose values are choices or fixed, itself possibly conditional), ``cases`` mapping ``str(its
+    value)`` -> Dist, and ``when`` (further conditions: key -> allowed ``str`` values)."""
 
     key: str
     dist: Dist | None = None
     depends_on: str | None = None
     cases: dict[str, Dist] = field(default_factory=dict)
+    when: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def active(self, values: Mapping[str, Any]) -> tuple[Dist | None, str]:
+        """(distribution, Optuna name) of this parameter given the values of the active parameters
+        before it, or (None, "") when it does not apply."""
+        if self.dist is not None:
+            return self.dist, self.optuna_name()
+        if self.depends_on not in values:
+            return None, ""
+        for key, allowed in self.when.items():
+            if key not in values or str(values[key]) not in allowed:
+                return None, ""
+        case = str(values[self.depends_on])
+        dist = self.cases.get(case)
+        return (dist, self.optuna_name(case)) if dist is not None else (None, "")
 
     def optuna_name(self, case: str | None = None) -> str:
         return self.key if case is None else f"{self.key}[{case}]"
@@ -135,9 +162,19 @@ class StudySettings:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2
     checkpoints_to_keep: int = 2
+    #: what the searcher optimises: ``(objective,)`` for a single objective; with several, ``objective``
+    #: and ``mode`` are ``prune_on`` and its mode (ASHA, checkpoint ranking, progress table)
+    objectives: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["objectives"], d["modes"] = list(self.objectives), list(self.modes)
+        return d
 
 
 @dataclass
@@ -175,41 +212,48 @@ class SearchSpace:
         """Define-by-run search space for Optuna (``trial.suggest_*``), conditionals included."""
         chosen: dict[str, Any] = {}
         for p in self.params:
-            if p.dist is not None:
-                chosen[p.key] = _suggest(trial, p.optuna_name(), p.dist)
-                continue
-            case = str(chosen[p.depends_on])
-            dist = p.cases.get(case)
-            if dist is not None and dist.kind != "fixed":
-                _suggest(trial, p.optuna_name(case), dist)
+            dist, name = p.active(chosen)
+            if dist is not None:
+                chosen[p.key] = dist.value if dist.kind == "fixed" else _suggest(trial, name, dist)
+
+    def active_values(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """Dotted config values of the parameters that apply to one trial (fixed cases filled in)."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            dist, name = p.active(values)
+            if dist is not None:
+                values[p.key] = dist.value if dist.kind == "fixed" else sampled[name]
+        return values
 
     def overrides(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """Dotted config values of one trial from Optuna's sampled parameters (fixed cases filled in).
 
-        A conditional key whose case is absent maps to None here (the base value is kept)."""
-        out: dict[str, Any] = {}
+        A conditional key that does not apply maps to None here (the base value is kept)."""
+        values = self.active_values(sampled)
+        return {p.key: values.get(p.key) for p in self.params}
+
+    def sampled_from_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`overrides`: Optuna-named parameters from dotted values (None or NaN =
+        does not apply), e.g. to re-run a trial from its ``param.*`` columns (study/final.py)."""
+        active: dict[str, Any] = {}
+        sampled: dict[str, Any] = {}
         for p in self.params:
-            if p.dist is not None:
-                out[p.key] = sampled[p.optuna_name()]
+            dist, name = p.active(active)
+            value = values.get(p.key)
+            if dist is None or value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
-            case = str(out[p.depends_on])
-            dist = p.cases.get(case)
-            if dist is None:
-                out[p.key] = None
-            elif dist.kind == "fixed":
-                out[p.key] = dist.value
-            else:
-                out[p.key] = sampled[p.optuna_name(case)]
-        return out
+            if dist.kind == "int":
+                value = int(value)
+            active[p.key] = value if dist.kind != "fixed" else dist.value
+            if dist.kind != "fixed":
+                sampled[name] = value
+        return sampled
 
     def trial_dict(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
-        """The experiment dict of one trial: ``base`` with the sampled values set (absent cases skipped)."""
+        """The experiment dict of one trial: ``base`` with the applying sampled values set."""
         d = _deep_copy(self.base)
-        values = self.overrides(sampled)
-        for p in self.params:
-            if p.dist is None and str(values[p.depends_on]) not in p.cases:
-                continue
-            _set(d, p.key, values[p.key])
+        for key, value in self.active_values(sampled).items():
+            _set(d, key, value)
         return d
 
 
@@ -217,7 +261,7 @@ class SearchSpace:
 # Parsing
 # --------------------------------------------------------------------------------------------------
 
-_STUDY_KEYS = {f.name for f in dataclasses.fields(StudySettings)}
+_STUDY_KEYS = {f.name for f in dataclasses.fields(StudySettings)} | {"prune_on"}
 _ASHA_KEYS = {f.name for f in dataclasses.fields(Asha)}
 _RESOURCE_KEYS = {f.name for f in dataclasses.fields(Resources)}
 
@@ -365,32 +409,62 @@ def _parse_search(search: Mapping[str, Any], source: str) -> list[Param]:
         if info.is_section:
             raise ConfigError(f"{where}: {key} is a section ({info.expected()}): expected a value key")
         if isinstance(spec, Mapping) and "depends_on" in spec:
-            unknown = set(spec) - {"depends_on", "cases"}
+            unknown = set(spec) - {"depends_on", "cases", "when"}
             if unknown or "cases" not in spec:
-                raise ConfigError(f"{where}: a conditional parameter takes exactly depends_on and cases "
+                raise ConfigError(f"{where}: a conditional parameter takes depends_on, cases and optionally when "
                                   f"(found {', '.join(map(str, spec))})")
             parent_key = spec["depends_on"]
-            parent = by_key.get(parent_key)
-            if parent is None or parent.dist is None or parent.dist.kind != "choice":
+            allowed = _discrete_values(by_key.get(parent_key))
+            if allowed is None:
                 raise ConfigError(f"{where}.depends_on = {parent_key!r}: expected a searched choice parameter "
-                                  f"listed before {key} and not itself conditional")
+                                  f"listed before {key} (choice or fixed values in every case)")
             cases_raw = spec["cases"]
             if not isinstance(cases_raw, Mapping) or not cases_raw:
                 raise ConfigError(f"{where}.cases = {cases_raw!r}: expected a mapping of {parent_key} values to "
                                   f"distributions")
-            allowed = {str(v) for v in parent.dist.values}
             cases: dict[str, Dist] = {}
             for case, case_spec in cases_raw.items():
                 if str(case) not in allowed:
                     raise ConfigError(f"{where}.cases.{case}: {case!r} is not a value of {parent_key}: expected one "
                                       f"of {', '.join(sorted(allowed))}")
                 cases[str(case)] = _parse_dist(key, case_spec, f"{where}.cases.{case}", allow_fixed=True)
-            param = Param(key=key, depends_on=parent_key, cases=cases)
+            param = Param(key=key, depends_on=parent_key, cases=cases,
+                          when=_parse_when(spec.get("when"), by_key, f"{where}.when"))
         else:
             param = Param(key=key, dist=_parse_dist(key, spec, where, allow_fixed=False))
         params.append(param)
         by_key[key] = param
     return params
+
+
+def _discrete_values(param: Param | None) -> set[str] | None:
+    """The ``str`` values a parameter can take, or None unless every distribution is choice/fixed."""
+    if param is None:
+        return None
+    dists = [param.dist] if param.dist is not None else list(param.cases.values())
+    if any(d.kind not in ("choice", "fixed") for d in dists):
+        return None
+    return {str(v) for d in dists for v in (d.values if d.kind == "choice" else (d.value,))}
+
+
+def _parse_when(raw: Any, by_key: Mapping[str, Param], where: str) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"{where} = {raw!r}: expected a mapping of searched choice keys to a value or a list "
+                          f"of values, e.g. {{loss.method: [threshold]}}")
+    out: dict[str, tuple[str, ...]] = {}
+    for key, values in raw.items():
+        allowed = _discrete_values(by_key.get(key))
+        if allowed is None:
+            raise ConfigError(f"{where}.{key}: expected a searched choice parameter listed before")
+        values = values if isinstance(values, list) else [values]
+        for v in values:
+            if str(v) not in allowed:
+                raise ConfigError(f"{where}.{key}: {v!r} is not a value of {key}: expected one of "
+                                  f"{', '.join(sorted(allowed))}")
+        out[str(key)] = tuple(str(v) for v in values)
+    return out
 
 
 def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -427,14 +501,16 @@ def _parse_study(
         raise ConfigError(f"{where}.num_samples: missing: expected the number of trials (an integer >= 1)")
     if num_samples is not None:
         num_samples = _int(d, "num_samples", None, where, minimum=1)
-    objective = d.get("objective", "val_mae_ext")
-    if isinstance(objective, str) and objective.startswith("test_"):
-        raise ConfigError(f"{where}.objective = '{objective}': test metrics are never optimised: expected a "
-                          f"validation metric ({', '.join(VALIDATION_METRICS)})")
-    objective = _choice(d, "objective", "val_mae_ext", VALIDATION_METRICS, where)
-    mode = _choice(d, "mode", "min", ("min", "max"), where)
-    if objective in _LOWER_IS_BETTER and mode != "min":
-        raise ConfigError(f"{where}.mode = 'max': {objective} is an error (lower is better): expected min")
+    objectives, modes = _parse_objectives(d, where)
+    if len(objectives) > 1:
+        objective = _validation_metric(d, "prune_on", "val_lc", where)
+        mode = modes[objectives.index(objective)] if objective in objectives else "min"
+    else:
+        objective = _validation_metric(d, "objective", "val_mae_ext", where)
+        mode = _choice(d, "mode", "min", ("min", "max"), where)
+        if objective in _LOWER_IS_BETTER and mode != "min":
+            raise ConfigError(f"{where}.mode = 'max': {objective} is an error (lower is better): expected min")
+        objectives, modes = (objective,), (mode,)
     if config.training.train_on != "train_minus_val":
         raise ConfigError(f"{source}: training.train_on = '{config.training.train_on}': a study selects on "
                           f"validation metrics: expected train_minus_val")
@@ -487,8 +563,49 @@ def _parse_study(
         resources=resources,
         max_failures=_int(d, "max_failures", 2, where, minimum=0),
         checkpoints_to_keep=_int(d, "checkpoints_to_keep", 2, where, minimum=1),
+        objectives=objectives,
+        modes=modes,
     )
     return settings
+
+
+def _validation_metric(d: Mapping[str, Any], key: str, default: str, where: str) -> str:
+    value = d.get(key, default)
+    if isinstance(value, str) and value.startswith("test_"):
+        raise ConfigError(f"{where}.{key} = '{value}': test metrics are never optimised: expected a "
+                          f"validation metric ({', '.join(VALIDATION_METRICS)})")
+    return _choice(d, key, default, VALIDATION_METRICS, where)
+
+
+def _parse_objectives(d: Mapping[str, Any], where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``objectives``/``modes`` of a multi-objective study (empty tuples when not given); ``prune_on``
+    only with several objectives, ``objective``/``mode`` only without."""
+    raw = d.get("objectives")
+    if raw is None:
+        for key in ("modes", "prune_on"):
+            if key in d:
+                raise ConfigError(f"{where}.{key}: only for a multi-objective study: expected study.objectives "
+                                  f"(a list of validation metrics) as well")
+        return (), ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}.objectives = {raw!r}: expected a list of validation metrics, e.g. "
+                          f"[val_mae_ext, val_bacc]")
+    for key in ("objective", "mode"):
+        if key in d:
+            raise ConfigError(f"{where}.{key}: give either objective/mode or objectives/modes (with prune_on "
+                              f"for ASHA), not both")
+    names = tuple(_validation_metric({"objectives": v}, "objectives", "", where) for v in raw)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.objectives = {raw!r}: expected distinct metrics")
+    modes_raw = d.get("modes", ["min"] * len(names))
+    if not isinstance(modes_raw, list) or len(modes_raw) != len(names):
+        raise ConfigError(f"{where}.modes = {modes_raw!r}: expected a list of min/max, one per objective "
+                          f"({len(names)})")
+    modes = tuple(_choice({"modes": m}, "modes", "min", ("min", "max"), where) for m in modes_raw)
+    for name, mode in zip(names, modes):
+        if name in _LOWER_IS_BETTER and mode != "min":
+            raise ConfigError(f"{where}.modes: {name} is an error (lower is better): expected min")
+    return names, modes
 
 
 def _check_grid(space: SearchSpace, study_raw: Mapping[str, Any]) -> None:
@@ -506,44 +623,43 @@ def _check_grid(space: SearchSpace, study_raw: Mapping[str, Any]) -> None:
     space.study = dataclasses.replace(space.study, num_samples=size)
 
 
+#: at most this many choice combinations are validated (numeric parameters at each bound in each)
+_MAX_SKELETONS = 2000
+
+
 def _extreme_samples(space: SearchSpace) -> list[dict[str, Any]]:
-    """Sampled-parameter dicts that put each parameter at each bound/choice while the others sit at
-    their low bound / first choice."""
+    """Sampled-parameter dicts covering every combination of the choices that apply (walking the
+    conditional tree), with the numeric parameters at their low bound, plus, for each combination,
+    each numeric parameter at its high bound in turn."""
+    skeletons: list[tuple[dict[str, Any], list[tuple[str, Any]]]] = []
 
-    def corners(d: Dist) -> list[Any]:
-        if d.kind == "choice":
-            return list(d.values)
-        if d.kind == "fixed":
-            return [d.value]
-        return [d.low, d.high]
+    def walk(i: int, values: dict[str, Any], sample: dict[str, Any], highs: list[tuple[str, Any]]) -> None:
+        if len(skeletons) >= _MAX_SKELETONS:
+            return
+        if i == len(space.params):
+            skeletons.append((dict(sample), list(highs)))
+            return
+        p = space.params[i]
+        dist, name = p.active(values)
+        if dist is None:
+            walk(i + 1, values, sample, highs)
+            return
+        if dist.kind in ("choice", "fixed"):
+            for v in (dist.values if dist.kind == "choice" else (dist.value,)):
+                if dist.kind == "choice":
+                    sample[name] = v
+                walk(i + 1, {**values, p.key: v}, sample, highs)
+                sample.pop(name, None)
+            return
+        sample[name] = dist.low
+        walk(i + 1, {**values, p.key: dist.low}, sample, [*highs, (name, dist.high)])
+        sample.pop(name, None)
 
-    def base_sample(parent_values: dict[str, Any]) -> dict[str, Any]:
-        s: dict[str, Any] = {}
-        for p in space.params:
-            if p.dist is not None:
-                s[p.optuna_name()] = parent_values.get(p.key, corners(p.dist)[0])
-        for p in space.params:
-            if p.dist is None:
-                case = str(s[space.param(p.depends_on).optuna_name()])
-                d = p.cases.get(case)
-                if d is not None and d.kind != "fixed":
-                    s[p.optuna_name(case)] = corners(d)[0]
-        return s
-
+    walk(0, {}, {}, [])
     samples = []
-    for p in space.params:
-        if p.dist is not None:
-            for v in corners(p.dist):
-                samples.append(base_sample({p.key: v}))
-        else:
-            for case, d in p.cases.items():
-                parent = space.param(p.depends_on)
-                parent_value = next(v for v in parent.dist.values if str(v) == case)
-                for v in corners(d):
-                    s = base_sample({parent.key: parent_value})
-                    if d.kind != "fixed":
-                        s[p.optuna_name(case)] = v
-                    samples.append(s)
+    for sample, highs in skeletons:
+        samples.append(sample)
+        samples.extend({**sample, name: high} for name, high in highs)
     return samples
 
 
