@@ -51,6 +51,9 @@ class StudyOptunaSearch(OptunaSearch):
         self._report_intermediate(trial_id, result)
 
     def _report_intermediate(self, trial_id: str, result: dict | None) -> None:
+        # Optuna keeps no intermediate values for multi-objective studies (ASHA prunes on its own scalar)
+        if isinstance(self.metric, list):
+            return
         if not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         value, epoch = result.get(self.metric), result.get("epoch")
@@ -84,19 +87,30 @@ def optuna_storage_url(study_dir: str | Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'optuna.db'}"
 
 
-def build_searcher(space: SearchSpace, study_dir: str | Path, study_name: str) -> StudyOptunaSearch:
+def build_searcher(space: SearchSpace, study_dir: str | Path, study_name: str, *,
+                   storage_url: str | None = None) -> StudyOptunaSearch:
     """The Optuna searcher of a study: define-by-run space (conditionals), sampler by ``study.searcher``
-    seeded with ``study.seed``, sqlite storage at ``<study_dir>/optuna.db``."""
+    seeded with ``study.seed``, storage ``storage_url`` (default sqlite at ``<study_dir>/optuna.db``).
+
+    Several ``study.objectives``: metric and mode are lists (Optuna multi-objective: ``nsga2`` is
+    NSGA-II, ``tpe`` multi-objective TPE); ASHA prunes on ``study.objective`` (= ``prune_on``)."""
     st = space.study
     if st.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(seed=st.seed)
+    elif st.searcher == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=st.seed)
     elif st.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=st.seed)
     else:
         sampler = optuna.samplers.GridSampler(space.grid(), seed=st.seed)
-    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    storage = optuna.storages.RDBStorage(storage_url or optuna_storage_url(study_dir))
+    if st.multi_objective:
+        metric: str | list[str] = list(st.objectives)
+        mode: str | list[str] = list(st.modes)
+    else:
+        metric, mode = st.objective, st.mode
     return StudyOptunaSearch(
-        space=space.suggest, metric=st.objective, mode=st.mode, sampler=sampler, study_name=study_name,
+        space=space.suggest, metric=metric, mode=mode, sampler=sampler, study_name=study_name,
         storage=storage,
     )
 
