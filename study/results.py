@@ -27,7 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["ResultsTable", "STATUSES", "git_commit", "package_versions", "FIXED_COLUMNS"]
+__all__ = ["ResultsTable", "STATUSES", "git_commit", "package_versions", "FIXED_COLUMNS", "pareto_front",
+           "write_pareto"]
 
 STATUSES = ("running", "completed", "pruned", "error")
 FIXED_COLUMNS = ("trial_id", "epoch", "leaked", "status", "checkpoint_path", "wall_s", "compute_s", "seed",
@@ -141,3 +142,39 @@ class ResultsTable:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         df.to_parquet(tmp, index=False)
         os.replace(tmp, self.path)
+
+
+def pareto_front(df: pd.DataFrame, objectives: list[str] | tuple[str, ...],
+                 modes: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """The non-dominated trials of a multi-objective study.
+
+    Candidates: the last evaluation of each ``completed`` trial (pruned trials did not train the full
+    budget) with every objective finite. A trial is dominated when another is at least as good on every
+    objective and strictly better on one (``mode`` min: lower is better). Sorted by the first objective.
+    """
+    if df is None or df.empty:
+        return pd.DataFrame()
+    done = df[df["status"] == "completed"].sort_values("epoch").groupby("trial_id", sort=False).tail(1)
+    done = done.dropna(subset=list(objectives))
+    signs = [1.0 if m == "min" else -1.0 for m in modes]
+    values = [[sign * float(row[o]) for o, sign in zip(objectives, signs)] for _, row in done.iterrows()]
+    keep = []
+    for i, a in enumerate(values):
+        dominated = any(all(b_k <= a_k for a_k, b_k in zip(a, b)) and any(b_k < a_k for a_k, b_k in zip(a, b))
+                        for j, b in enumerate(values) if j != i)
+        keep.append(not dominated)
+    front = done[keep].sort_values(list(objectives), ascending=[m == "min" for m in modes])
+    return front.reset_index(drop=True)
+
+
+def write_pareto(study_dir: str | Path, df: pd.DataFrame, objectives: list[str] | tuple[str, ...],
+                 modes: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """Write ``pareto.csv`` and ``pareto.parquet`` (the :func:`pareto_front` rows) into the study folder."""
+    front = pareto_front(df, objectives, modes)
+    study_dir = Path(study_dir)
+    for name, writer in (("pareto.parquet", lambda t: front.to_parquet(t, index=False)),
+                         ("pareto.csv", lambda t: front.to_csv(t, index=False))):
+        tmp = study_dir / f".{name}.tmp-{os.getpid()}"
+        writer(tmp)
+        os.replace(tmp, study_dir / name)
+    return front
