@@ -31,9 +31,14 @@ from typing import Any
 
 from study.space import SearchSpace
 
-__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict"]
+__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID"]
 
 CHECKPOINT_PATH = "checkpoint_path"
+#: reported with every evaluation: the Ray node that ran the trial's training (rank 0 under DDP)
+NODE_ID = "node_id"
+#: key of a trial config holding {dotted key: value} set after the sampled parameters (study/final.py:
+#: training.seed, training.train_on); Optuna never sees it
+EXTRA_OVERRIDES = "_overrides"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,12 @@ def trial_config_dict(spec: TrialSpec, sampled: dict[str, Any]) -> dict[str, Any
     data = dict(d.get("data") or {})
     data.update(store=spec.store_path, source=None, synthetic=None)
     d["data"] = data
+    for dotted, value in (sampled.get(EXTRA_OVERRIDES) or {}).items():
+        node = d
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     return d
 
 
@@ -95,9 +106,10 @@ def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> Non
 
     restored = ray.tune.get_checkpoint()
     resume_from = restored.path if restored is not None else None
+    node_id = ray.get_runtime_context().get_node_id()
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0))}
+        payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)), NODE_ID: node_id}
         if checkpoint_dir is None or _same_dir(checkpoint_dir, resume_from):
             # A finished trial re-reporting its stored checkpoint: do not store it a second time.
             payload[CHECKPOINT_PATH] = resume_from
@@ -144,6 +156,7 @@ def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: set up nothing, call ``train``, report at every evaluation."""
+    import ray
     import ray.train
     from ray.train import Checkpoint
 
@@ -157,9 +170,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # Each rank needs the files (RNG states of every rank); a local storage path is read in place.
         resume_from = restored.path if os.path.isdir(restored.path) else restored.to_directory()
     num_workers = int(loop_config["num_workers"])
+    node_id = ray.get_runtime_context().get_node_id()
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)) * num_workers}
+        payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)) * num_workers, NODE_ID: node_id}
         if rank == 0 and checkpoint_dir is not None and not _same_dir(checkpoint_dir, resume_from):
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
         else:
