@@ -3,7 +3,8 @@
 One step is what a contrastive training step costs: a batch of ``batch`` subjects x ``views`` views
 (32 x 2 in the reference recipe) through the encoder + contrastive head, a SimCLR-style stand-in
 loss over the views (negligible next to the network), backward, Adam step. The figure is
-``batch * views / median step time``, i.e. volumes passed forward and backward per second.
+``batch * views / median step time``, i.e. volumes passed forward and backward per second; the
+process CPU time per step is recorded beside it (on a shared CPU, wall >> CPU time means contention).
 
 Modes: ``fp32``; ``bf16`` (torch.autocast bf16); ``bf16_channels_last`` (bf16 + channels_last_3d
 weights and inputs); ``bf16_compile`` (bf16 + torch.compile, compile time reported apart).
@@ -122,13 +123,14 @@ def bench_one(
         step()
     synchronize(device)
     warmup_s = time.perf_counter() - start
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
         synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     median = statistics.median(times)
     result = {
         "backbone": backbone,
@@ -141,6 +143,8 @@ def bench_one(
         "step_s_median": round(median, 5),
         "step_s_min": round(min(times), 5),
         "volume_passes_per_s": round(batch * views / median, 3),
+        # CPU seconds of this process per step: on a shared CPU it tells contention (wall >> cpu) apart.
+        "cpu_s_per_step_median": round(statistics.median(cpu_times), 5),
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
