@@ -62,13 +62,19 @@ def auth_token_location() -> str:
     return f"token in {path} (send 'Authorization: Bearer <token>')"
 
 
-def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, str] | None = None) -> RayInfo:
+def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, str] | None = None, *,
+              address: str | None = None, dashboard_host: str = "127.0.0.1",
+              runtime_env: dict | None = None) -> RayInfo:
     """Initialise Ray for a study (see the module docstring); prints nothing.
 
     ``env``: environment variables every trial and Train worker of this job gets (a job-level
-    ``runtime_env``), e.g. the data cache folder; ignored when Ray is already initialised here.
+    ``runtime_env``), e.g. the data cache folder; ``runtime_env``: more job-level keys (``py_modules``
+    shipping the project's code to a cluster, see ``study.cluster.code_runtime_env``); both ignored when
+    Ray is already initialised here. ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster;
+    ``dashboard_host`` binds the dashboard of a Ray started here (the caller checks exposure rules).
     """
-    runtime_env = {"env_vars": dict(env)} if env else None
+    runtime_env = {**(runtime_env or {}), **({"env_vars": dict(env)} if env else {})} or None
+    address = address or os.environ.get("RAY_ADDRESS")
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -77,16 +83,15 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         except AttributeError:
             url = None
         return RayInfo(_url(url), False, ray.cluster_resources().get("CPU", 0.0), auth_token_location())
-    if os.environ.get("RAY_ADDRESS"):
-        context = ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING,
-                           runtime_env=runtime_env)
+    if address:
+        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),
                        auth_token_location())
     needed = cpus_per_trial(resources) * max_concurrent_trials
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     num_gpus = None
     context = ray.init(
-        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host=dashboard_host,
         logging_level=logging.WARNING, runtime_env=runtime_env,
     )
     return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location())
