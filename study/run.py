@@ -17,6 +17,17 @@ Optuna + ASHA (:mod:`study.searcher`) over the trainable of :mod:`study.trial`, 
 finished ones are not re-run) with the same Optuna storage; the existing ``results.parquet`` rows are
 kept.
 
+Clusters (``docs/cluster.md``, :mod:`study.cluster`): ``--address ADDR`` (or ``RAY_ADDRESS``) joins an
+existing Ray cluster, ships the project's code with the job (``--code ship``, default) and checks at start
+that every node sees the study folder and the prepared store; ``optuna.db`` then lives on the driver's
+local disk and a snapshot is copied into the study folder at each result (or ``--optuna-storage URL``,
+e.g. PostgreSQL, shared by several drivers). ``--submit`` runs the same command as a Ray Job (dashboard
+Jobs view) and follows its logs. ``--dashboard-host`` other than loopback prints a warning; with
+``RAY_AUTH_MODE=disabled`` it is refused unless ``--i-understand-no-auth``.
+
+Multi-objective studies (``study.objectives``) write their Pareto set to ``pareto.csv`` and
+``pareto.parquet`` (see :func:`study.results.pareto_front`).
+
 Test-only hook: ``BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS=n`` makes the driver SIGKILL itself after
 writing its n-th result row (simulates a crashed driver; never set it in real runs).
 """
@@ -52,6 +63,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="study name (default: the YAML's file stem)")
     p.add_argument("--storage", default="studies", help="folder holding the studies (default: ./studies)")
     p.add_argument("--resume", action="store_true", help="continue the killed or interrupted study of that name")
+    p.add_argument("--address", help="join an existing Ray cluster (default: $RAY_ADDRESS; with --submit: the "
+                                     "dashboard's http://HEAD:8265)")
+    p.add_argument("--submit", action="store_true", help="submit the study as a Ray Job and follow its logs")
+    p.add_argument("--code", choices=("ship", "installed"), default="ship",
+                   help="how the project's code reaches cluster nodes: ship it with the job (runtime_env "
+                        "py_modules, default) or rely on the package installed on every node")
+    p.add_argument("--optuna-storage", help="Optuna RDB URL shared by several drivers (e.g. postgresql://...); "
+                                            "default: sqlite optuna.db in the study folder")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="interface of the dashboard of a Ray started here (default 127.0.0.1)")
+    p.add_argument("--i-understand-no-auth", action="store_true",
+                   help="allow RAY_AUTH_MODE=disabled with a dashboard reachable from the network")
+    p.add_argument("--job-python", default="python", help="--submit: the interpreter of the job on the head node")
     return p.parse_intermixed_args(argv)
 
 
@@ -105,10 +129,12 @@ def _make_callback_class():
         static columns are (re)built in ``setup``, so a restored study continues the existing file.
         """
 
-        def __init__(self, study_dir: str, space: SearchSpace, store_path: str):
+        def __init__(self, study_dir: str, space: SearchSpace, store_path: str,
+                     optuna_copy: tuple[str, str] | None = None):
             self.study_dir = study_dir
             self.space = space
             self.store_path = store_path
+            self.optuna_copy = optuna_copy  # (driver-local sqlite, copy in the study folder) on clusters
             self.table = None
             self.written = 0
             self.started = time.time()
@@ -138,6 +164,7 @@ def _make_callback_class():
             seed = int(self.space.trial_dict(trial.config).get("training", {}).get("seed", 0) or 0)
             self.table.add(trial.trial_id, self._params(trial), metrics, seed=seed)
             self.written += 1
+            self.sync_optuna()
             st = self.space.study
             best = self._best()
             print(f"[study] trial {trial.trial_id} epoch {result['epoch']}/{self.space.config.training.epochs} "
@@ -156,6 +183,18 @@ def _make_callback_class():
 
             self.table.set_status(trial.trial_id, "pruned" if trial.trial_id in EARLY_STOPPED else "completed")
             self.print_table(trials)
+            self.sync_optuna()
+            if self.space.study.multi_objective:
+                from study.results import write_pareto
+
+                st = self.space.study
+                write_pareto(self.study_dir, self.table.frame(), st.objectives, st.modes)
+
+        def sync_optuna(self) -> None:
+            if self.optuna_copy:
+                from study.cluster import copy_sqlite
+
+                copy_sqlite(*self.optuna_copy)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.table.set_status(trial.trial_id, "error")
@@ -209,9 +248,10 @@ def progress_table(df: Any, space: SearchSpace) -> str:
             f"(trial {best_trial}, marked *)\n" + "\n".join(lines))
 
 
-def StudyCallback(study_dir: str, space: SearchSpace, store_path: str):  # noqa: N802 - a class factory
+def StudyCallback(study_dir: str, space: SearchSpace, store_path: str,  # noqa: N802 - a class factory
+                  optuna_copy: tuple[str, str] | None = None):
     """The driver callback (a ``ray.tune.Callback``; built lazily so importing this module needs no Ray)."""
-    return _make_callback_class()(study_dir, space, store_path)
+    return _make_callback_class()(study_dir, space, store_path, optuna_copy)
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -220,8 +260,21 @@ def _forwarded_env() -> dict[str, str]:
 
 
 def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: str | None = None,
-              storage: str | Path = "studies", resume: bool = False) -> Path:
-    """Run (or resume) a study; returns the study folder. Errors on bad input are BrainageError."""
+              storage: str | Path = "studies", resume: bool = False, address: str | None = None,
+              code: str = "ship", optuna_storage: str | None = None, dashboard_host: str = "127.0.0.1",
+              allow_no_auth: bool = False) -> Path:
+    """Run (or resume) a study; returns the study folder. Errors on bad input are BrainageError.
+
+    ``address`` (else ``$RAY_ADDRESS``): an existing Ray cluster (see the module docstring)."""
+    from study.cluster import check_dashboard_exposure, code_runtime_env, is_uri
+
+    for warning in check_dashboard_exposure(dashboard_host, allow_no_auth=allow_no_auth):
+        print(warning, file=sys.stderr, flush=True)
+    if is_uri(storage):
+        raise ConfigError(f"--storage {storage}: the study runner writes its folder with local file operations: "
+                          f"expected a shared file system path (mount the bucket, e.g. with s3fs or gcsfuse, at the "
+                          f"same path on every node); see docs/cluster.md")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     space_path = Path(space_path)
     space = load_search_space(space_path, overrides)
     name = name or space_path.stem
@@ -244,13 +297,32 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     from study.trial import TrialSpec, run_trial
 
     st = space.study
-    info = start_ray(st.resources, st.max_concurrent_trials, env=_forwarded_env())
+    info = start_ray(st.resources, st.max_concurrent_trials, env=_forwarded_env(), address=address,
+                     dashboard_host=dashboard_host, runtime_env=code_runtime_env(code) if address else None)
     if st.resources.use_gpu and not ray.cluster_resources().get("GPU"):
         raise ConfigError(f"{space_path}: study.resources.use_gpu = true but the Ray cluster has no GPU: expected "
                           f"a GPU machine, or study.resources.use_gpu=false training.device=cpu")
-    print(f"[study] Ray dashboard: {info.dashboard_url or 'unavailable'} (bound to 127.0.0.1); {info.auth}",
-          flush=True)
-    print(f"[study] Optuna dashboard: optuna-dashboard {optuna_storage_url(study_dir)}", flush=True)
+    where = f"bound to {dashboard_host}" if info.started_here else "the cluster's dashboard"
+    print(f"[study] Ray dashboard: {info.dashboard_url or 'unavailable'} ({where}); {info.auth}", flush=True)
+    optuna_copy = None
+    storage_url = optuna_storage
+    if address and not info.started_here:
+        from study.cluster import check_store_on_every_node, check_visible_on_every_node, copy_sqlite, local_optuna_db
+
+        nodes = check_visible_on_every_node(study_dir, what="study folder")
+        check_store_on_every_node(store.path, store.fingerprint)
+        print(f"[study] cluster {address}: {len(nodes)} node(s) see the study folder and the store", flush=True)
+        if storage_url is None:
+            # sqlite must not live on network storage: the driver's local disk, copied at each result
+            local_db = local_optuna_db(study_dir)
+            local_db.parent.mkdir(parents=True, exist_ok=True)
+            if resume and not local_db.exists() and (study_dir / "optuna.db").exists():
+                copy_sqlite(study_dir / "optuna.db", local_db)
+            elif not resume:
+                local_db.unlink(missing_ok=True)
+            storage_url = f"sqlite:///{local_db}"
+            optuna_copy = (str(local_db), str(study_dir / "optuna.db"))
+    print(f"[study] Optuna dashboard: optuna-dashboard {storage_url or optuna_storage_url(study_dir)}", flush=True)
     print(f"[study] TensorBoard: tensorboard --logdir {study_dir / 'tune'}", flush=True)
 
     spec = TrialSpec(space=space, study_dir=str(study_dir), store_path=str(store.path))
@@ -269,7 +341,8 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         else:
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=build_searcher(space, study_dir, name),
+                tune_config=tune.TuneConfig(search_alg=build_searcher(space, study_dir, name,
+                                                                      storage_url=storage_url),
                                             scheduler=build_scheduler(space), num_samples=st.num_samples,
                                             max_concurrent_trials=st.max_concurrent_trials, reuse_actors=False),
                 run_config=tune.RunConfig(
@@ -281,7 +354,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=st.checkpoints_to_keep,
                                                             checkpoint_score_attribute=st.objective,
                                                             checkpoint_score_order=st.mode),
-                    callbacks=[StudyCallback(str(study_dir), space, str(store.path))],
+                    callbacks=[StudyCallback(str(study_dir), space, str(store.path), optuna_copy)],
                     verbose=0,
                 ),
             )
@@ -289,6 +362,18 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     finally:
         if info.started_here:
             ray.shutdown()
+    if optuna_copy:
+        from study.cluster import copy_sqlite
+
+        copy_sqlite(*optuna_copy)
+    if st.multi_objective and (study_dir / "results.parquet").exists():
+        import pandas as pd
+
+        from study.results import write_pareto
+
+        front = write_pareto(study_dir, pd.read_parquet(study_dir / "results.parquet"), st.objectives, st.modes)
+        print(f"[study] Pareto set ({', '.join(st.objectives)}): {len(front)} trial(s) in "
+              f"{study_dir / 'pareto.csv'}", flush=True)
     errors = [r for r in results if r.error is not None]
     print(f"[study] done: {study_dir / 'results.parquet'}; {len(errors)} trial(s) failed", flush=True)
     if errors:
@@ -298,10 +383,34 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     return study_dir
 
 
+def _submit(args: argparse.Namespace) -> int:
+    """``--submit``: validate here, then run the same study as a Ray Job on the cluster."""
+    from urllib.parse import urlparse
+
+    from study.cluster import check_dashboard_exposure, dashboard_url, submit_study
+
+    url = dashboard_url(args.address or os.environ.get("RAY_ADDRESS"))
+    for warning in check_dashboard_exposure(urlparse(url).hostname or "", allow_no_auth=args.i_understand_no_auth):
+        print(warning, file=sys.stderr, flush=True)
+    load_search_space(args.space, args.overrides)  # bad input fails here, before anything is submitted
+    run_args = [*args.overrides, "--name", args.name or Path(args.space).stem,
+                "--storage", str(Path(args.storage).resolve()), "--code", args.code]
+    if args.resume:
+        run_args.append("--resume")
+    if args.optuna_storage:
+        run_args += ["--optuna-storage", args.optuna_storage]
+    return submit_study(address=url, space_path=Path(args.space), run_args=run_args, code=args.code,
+                        env=_forwarded_env(), python=args.job_python)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        run_study(args.space, args.overrides, name=args.name, storage=args.storage, resume=args.resume)
+        if args.submit:
+            return _submit(args)
+        run_study(args.space, args.overrides, name=args.name, storage=args.storage, resume=args.resume,
+                  address=args.address, code=args.code, optuna_storage=args.optuna_storage,
+                  dashboard_host=args.dashboard_host, allow_no_auth=args.i_understand_no_auth)
     except BrainageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
