@@ -179,14 +179,35 @@ def test_non_finite_loss_names_epoch_step_and_value(store_path, tmp_path, monkey
         train(make_config(store_path), tmp_path / "run")
 
 
-def test_supervised_l1_trains_regression_head(store_path, tmp_path):
-    cfg = make_config(store_path, loss={"method": "l1", "kernel": None}, training={"epochs": 1})
+def test_supervised_l1_sgd_bf16_clip_warmup(store_path, tmp_path):
+    cfg = make_config(
+        store_path,
+        loss={"method": "l1", "kernel": None},
+        optimizer={"name": "sgd", "lr": 1.0e-3, "momentum": 0.9},
+        schedule={"name": "step", "step_every": 1, "rate": 0.5, "warmup_epochs": 2},
+        training={"epochs": 1, "bf16": True, "grad_clip": 1.0, "augment": {"zscore": True, "crop": True}},
+    )
     del cfg["loss"]["sigma"], cfg["loss"]["temperature"]
     metrics = train(cfg, tmp_path / "run")
     assert metrics["epoch"] == 1 and math.isfinite(metrics["train_loss"])
+    # bf16 on the CPU is deterministic (oneDNN's bf16 conv3d weight gradients were not, see loop.py)
+    assert train(cfg, tmp_path / "again")["train_loss"] == metrics["train_loss"]
+    assert metrics["lr"] == pytest.approx(0.5e-3)  # first warm-up epoch: lr / 2
     model, _ = load_model_from_checkpoint(tmp_path / "run")
     with torch.no_grad():
         assert model(torch.zeros(3, 1, 31, 37, 31)).shape == (3,)
+
+
+def test_rnc_trains_an_unnormalised_projection(store_path):
+    from brainage_core.config import config_from_dict
+    from brainage_core.training.loop import build_training_model
+
+    cfg = make_config(store_path, loss={"method": "rnc", "kernel": None, "temperature": 2.0})
+    del cfg["loss"]["sigma"]
+    model = build_training_model(config_from_dict(cfg))
+    with torch.no_grad():
+        norms = model(torch.rand(2, 1, 31, 37, 31)).norm(dim=1)
+    assert not torch.allclose(norms, torch.ones(2), atol=1e-3)
 
 
 def test_train_on_all_flags_leak(store_path, tmp_path):

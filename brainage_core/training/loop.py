@@ -31,6 +31,7 @@ restarted worker survives).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -142,6 +143,29 @@ def _training_dataset(store, training_rows: Mapping[str, Any]) -> Dataset:
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+def _cpu_bf16_guard(device: torch.device, bf16: bool):
+    """oneDNN off for bf16 autocast on the CPU, a no-op otherwise.
+
+    With torch 2.13's CPU build, oneDNN's bf16 3D-convolution weight gradients were found to be
+    non-deterministic and sometimes garbage (values ~1e29, then NaN losses) for small ResNet stages;
+    the native kernels are exact and deterministic (about 3x slower, which only matters for CPU bf16
+    — a debugging configuration; on CUDA nothing changes).
+    """
+    if bf16 and device.type == "cpu":
+        return _onednn_disabled()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _onednn_disabled():
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 class EvaluationView(torch.nn.Module):
     """What the evaluator sees: the bare model behind the training's deterministic preprocessing.
 
@@ -159,8 +183,9 @@ class EvaluationView(torch.nn.Module):
 
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         x = self.augment.center(x.float()).contiguous(memory_format=self.memory_format)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return fn(x).float()
+        with _cpu_bf16_guard(x.device, self.bf16):
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return fn(x).float()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(self.model.features, x)
@@ -399,13 +424,14 @@ def train(
             else:
                 batch = torch.cat([augment(x, generator=aug_gen) for _ in range(views)], dim=0)
             batch = batch.contiguous(memory_format=memory_format)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = net(batch)
-            if supervised:
-                loss = loss_fn(out.float(), y)
-            else:
-                features = out.float().reshape(views, x.shape[0], -1).transpose(0, 1)  # (B, V, d)
-                loss = loss_fn(features, y)
+            with _cpu_bf16_guard(device, bf16):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = net(batch)
+                if supervised:
+                    loss = loss_fn(out.float(), y)
+                else:
+                    features = out.float().reshape(views, x.shape[0], -1).transpose(0, 1)  # (B, V, d)
+                    loss = loss_fn(features, y)
             global_loss = all_reduce_mean(loss.detach())
             if not torch.isfinite(global_loss).item():
                 raise NonFiniteLossError(
@@ -415,7 +441,8 @@ def train(
                     "(lower the learning rate, enable training.grad_clip or check the data)"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with _cpu_bf16_guard(device, bf16):
+                loss.backward()
             if tcfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
             optimizer.step()
