@@ -117,6 +117,21 @@ def make_volumes(n: int, shape: tuple[int, int, int], device: torch.device, *, n
     return out, ages, sites
 
 
+#: alexnet3d needs at least this many voxels per axis (the coarse grids of --quick are padded up to it)
+ALEXNET_MIN_SIZE = 69
+
+
+def fit_backbone(x: torch.Tensor, backbone: str) -> torch.Tensor:
+    """``x`` zero-padded to alexnet3d's minimum size on coarse grids (only --quick needs it)."""
+    if backbone != "alexnet3d" or min(x.shape[2:]) >= ALEXNET_MIN_SIZE:
+        return x
+    pads: list[int] = []
+    for n in reversed(x.shape[2:]):
+        total = max(ALEXNET_MIN_SIZE - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +140,7 @@ def make_volumes(n: int, shape: tuple[int, int, int], device: torch.device, *, n
 def bench_train(volumes, ages, device, *, backbone, base_width, batch, views, bf16, max_steps, seconds, augment):
     from brainage_core.losses import build_loss
     from brainage_core.models import build_model
+    from brainage_core.training.loop import _cpu_bf16_guard as cpu_bf16_guard
 
     torch.manual_seed(0)
     model = build_model(backbone, "contrastive", base_width=base_width).to(device)
@@ -139,12 +155,13 @@ def bench_train(volumes, ages, device, *, backbone, base_width, batch, views, bf
         idx = torch.randint(0, n, (batch,), generator=gen, device=device)
         x = volumes[idx].float()
         views_ = [augment(x, generator=gen) if augment is not None else x for _ in range(views)]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(torch.cat(views_, 0))
-        feats = out.float().reshape(views, batch, -1).transpose(0, 1)
-        loss = loss_fn(feats, ages[idx].float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with cpu_bf16_guard(device, bf16):  # the loop's fix for oneDNN's CPU bf16 conv3d gradients
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(fit_backbone(torch.cat(views_, 0), backbone))
+            feats = out.float().reshape(views, batch, -1).transpose(0, 1)
+            loss = loss_fn(feats, ages[idx].float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         return loss
 
@@ -188,12 +205,12 @@ def bench_features(volumes, device, *, backbone, base_width, batch, bf16, second
     n = volumes.shape[0]
     done = 0
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        model.features(volumes[:batch].float())
+        model.features(fit_backbone(volumes[:batch].float(), backbone))
         sync(device)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             start = done % max(n - batch, 1)
-            model.features(volumes[start : start + batch].float())
+            model.features(fit_backbone(volumes[start : start + batch].float(), backbone))
             done += batch
         sync(device)
     elapsed = time.perf_counter() - t0
