@@ -20,8 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip check
 	@touch $(STAMP)
 
+# The main job: a small study on the synthetic cohort (generated and prepared on first use) on a
+# local Ray, then the HTML report. Each run is a new study folder under studies/.
+DEMO_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
-	$(PY) -m study.demo
+	$(PY) study/run.py search_spaces/quickstart.yaml --name $(DEMO_NAME)
+	$(PY) analysis/report.py studies/$(DEMO_NAME) --out studies/$(DEMO_NAME)/report.html
+	@echo "report: studies/$(DEMO_NAME)/report.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check brainage_core study analysis tests bench
