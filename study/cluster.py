@@ -53,6 +53,7 @@ __all__ = [
     "code_runtime_env",
     "copy_sqlite",
     "dashboard_url",
+    "inside_ray_job",
     "is_loopback",
     "is_uri",
     "local_optuna_db",
@@ -271,6 +272,12 @@ def check_store_on_every_node(store_path: str | os.PathLike[str], fingerprint: s
 # --------------------------------------------------------------------------------------------------
 # Code and the Optuna database
 # --------------------------------------------------------------------------------------------------
+
+
+def inside_ray_job() -> bool:
+    """True in the driver of a submitted Ray Job: its runtime_env (code, env vars) is already the job's,
+    and ``ray.init`` must not be given another one."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def code_runtime_env(code: str) -> dict[str, Any]:

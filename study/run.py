@@ -297,8 +297,12 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     from study.trial import TrialSpec, run_trial
 
     st = space.study
-    info = start_ray(st.resources, st.max_concurrent_trials, env=_forwarded_env(), address=address,
-                     dashboard_host=dashboard_host, runtime_env=code_runtime_env(code) if address else None)
+    from study.cluster import inside_ray_job
+
+    in_job = inside_ray_job()  # a submitted job already carries its runtime_env (code, env vars)
+    info = start_ray(st.resources, st.max_concurrent_trials, env=None if in_job else _forwarded_env(),
+                     address=address, dashboard_host=dashboard_host,
+                     runtime_env=code_runtime_env(code) if address and not in_job else None)
     if st.resources.use_gpu and not ray.cluster_resources().get("GPU"):
         raise ConfigError(f"{space_path}: study.resources.use_gpu = true but the Ray cluster has no GPU: expected "
                           f"a GPU machine, or study.resources.use_gpu=false training.device=cpu")
