@@ -78,9 +78,10 @@ TABLE_COLUMNS: tuple[str, ...] = (
 FORMATS: tuple[str, ...] = ("openbhb", "nifti")
 
 ANATOMY_SD_MM = 2.5
-ANATOMY_ORDER = 6
-MODULATION_ORDER = 6
-BIAS_ORDER = 3
+#: Gaussian correlation scales (mm) of the smooth random fields.
+ANATOMY_SMOOTH_MM = 12.0
+MODULATION_SMOOTH_MM = 12.0
+BIAS_SMOOTH_MM = 30.0
 SUBJECT_SHIFT_MM = 0.3
 SLICE_CHOICES_MM = (1.0, 1.0, 1.2, 1.5, 2.0)
 INPLANE_RANGE_MM = (0.9, 1.3)
@@ -102,10 +103,16 @@ class SiteEffects:
     slice_axis: int
     fwhm_mm: float
     bias_amplitude: float
-    bias_coefficients: np.ndarray  # (BIAS_ORDER,)*3, unit-variance field
+    bias_coefficients: np.ndarray  # (K, K, K) coefficients of a unit-variance field (field_weights)
     gain: float
     offset: float
     noise: float  # U(0, 0.03) draw; SD = NOISE_FLOOR + noise at strength 1
+
+
+def _field_coefficients(rng: np.random.Generator, smooth_mm: float) -> np.ndarray:
+    """Random coefficients of a unit-variance smooth field of correlation scale ``smooth_mm``."""
+    weights = field_weights(float(smooth_mm))
+    return rng.standard_normal(weights.shape, dtype=np.float32) * weights
 
 
 @lru_cache(maxsize=256)
@@ -121,7 +128,7 @@ def site_effects(site_xacq: int, seed: int) -> SiteEffects:
         slice_axis=int(rng.integers(3)),
         fwhm_mm=float(rng.uniform(*FWHM_RANGE_MM)),
         bias_amplitude=float(rng.uniform(0.02, 0.08)),
-        bias_coefficients=rng.standard_normal((BIAS_ORDER,) * 3) * field_weights(BIAS_ORDER),
+        bias_coefficients=_field_coefficients(rng, BIAS_SMOOTH_MM),
         gain=float(rng.normal(0.0, 0.06)),
         offset=float(rng.normal(0.0, 0.01)),
         noise=float(rng.uniform(*NOISE_RANGE)),
@@ -194,10 +201,9 @@ def make_subject(plan_row: pd.Series | dict, grid: str, strength: float, seed: i
     t = ageing_t(scalars.bio_age)
     ventricle_mm = 0.5 + 7.0 * max(t, 0.0) ** 2.5
     shift = (s * site.shift_mm + rng.normal(0.0, SUBJECT_SHIFT_MM, 3)) / voxel
-    weights = field_weights(ANATOMY_ORDER)
     coords = anat.coords.copy()
     for axis in range(3):
-        field = smooth_field(rng.standard_normal((ANATOMY_ORDER,) * 3) * weights, grid)
+        field = smooth_field(_field_coefficients(rng, ANATOMY_SMOOTH_MM), grid)
         coords[axis] -= (ANATOMY_SD_MM / voxel) * field + ventricle_mm * anat.ventricle_push[axis] + shift[axis]
     gm = ndimage.map_coordinates(anat.gm, coords, order=1, mode="constant", cval=0.0, output=np.float32)
     del coords
@@ -211,7 +217,7 @@ def make_subject(plan_row: pd.Series | dict, grid: str, strength: float, seed: i
 
     # 4. Ageing, head size, smooth subject modulation.
     loss = gm_loss(scalars.bio_age)
-    modulation = smooth_field(rng.standard_normal((MODULATION_ORDER,) * 3) * field_weights(MODULATION_ORDER), grid)
+    modulation = smooth_field(_field_coefficients(rng, MODULATION_SMOOTH_MM), grid)
     gm *= 1.0 - loss * (0.6 * anat.regional + 0.4 * anat.csf_closeness)
     gm *= scalars.head_scale * (1.0 + 0.04 * modulation)
 

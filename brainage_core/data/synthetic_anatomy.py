@@ -174,10 +174,22 @@ def smooth_field(coefficients: np.ndarray, grid: str) -> np.ndarray:
     return field.reshape(bx.shape[0], by.shape[0], bz.shape[0])
 
 
+#: Extent (mm) of the full grid along each axis: the period of the cosine basis is twice this.
+_FULL_EXTENT_MM = np.array(FULL_SHAPE, dtype=np.float64) * 1.5
+
+
+def field_order(smooth_mm: float) -> int:
+    """Number of cosines per axis needed for a field of Gaussian correlation scale ``smooth_mm``."""
+    return int(np.clip(np.ceil(3.0 * _FULL_EXTENT_MM.max() / (np.pi * smooth_mm)), 2, 32))
+
+
 @cache
-def field_weights(order: int) -> np.ndarray:
-    """(K, K, K) weights ∝ 1 / (1 + |k|²) normalised to unit sum of squares: multiply standard normal
-    coefficients by these to get a smooth field of unit expected variance."""
+def field_weights(smooth_mm: float) -> np.ndarray:
+    """(K, K, K) amplitudes (K = :func:`field_order`) that make Σ c_ijk b_i b_j b_k with standard normal
+    c_ijk a stationary-looking random field like white noise smoothed by a Gaussian of SD ``smooth_mm``
+    (power ∝ exp(−|ω|² s² / 2), ω = π k / extent), normalised to unit expected variance."""
+    order = field_order(smooth_mm)
     k = np.arange(1, order + 1, dtype=np.float64)
-    w = 1.0 / (1.0 + k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    axes = [np.exp(-((np.pi * k / extent) ** 2) * smooth_mm**2 / 4.0) for extent in _FULL_EXTENT_MM]
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     return (w / np.sqrt((w**2).sum())).astype(np.float32)
