@@ -34,7 +34,7 @@ from brainage_core.errors import StoreError
 from brainage_core.grids import block_factor
 
 FEATURE_GRID = "6mm"
-RIDGE_ALPHAS = np.logspace(-2, 6, 17)
+RIDGE_ALPHAS = np.logspace(-4, 6, 21)
 SITE_PROBE_C = 1.0
 BOOTSTRAP_SAMPLES = 1000
 
