@@ -70,7 +70,10 @@ def cache_dir_of(cache_dir: str | Path | None = None) -> Path:
 
 
 def _synthetic_spec(synthetic: Mapping[str, Any], grid: str) -> dict[str, Any]:
+    from brainage_core.data.synthetic import GENERATOR_VERSION
+
     return {
+        "generator": GENERATOR_VERSION,  # a new generator version never reuses an older cached cohort
         "subjects": synthetic.get("subjects", 300),
         "sites": synthetic.get("sites"),
         "strength": float(synthetic.get("strength", 1.5)),

@@ -77,6 +77,10 @@ TABLE_COLUMNS: tuple[str, ...] = (
 )
 FORMATS: tuple[str, ...] = ("openbhb", "nifti")
 
+#: Bumped whenever the generative model changes what a (seed, subject) pair produces, so that
+#: cached cohorts (brainage_core.data.sources) made by an older generator are not reused.
+GENERATOR_VERSION = 1
+
 ANATOMY_SD_MM = 2.5
 #: Gaussian correlation scales (mm) of the smooth random fields.
 ANATOMY_SMOOTH_MM = 12.0
