@@ -324,14 +324,16 @@ def copy_sqlite(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
 # --------------------------------------------------------------------------------------------------
 
 
-def submit_study(*, address: str | None, space_path: Path, run_args: Sequence[str], code: str,
+def submit_study(*, address: str | None, space_path: Path, stage_dir: Path, run_args: Sequence[str], code: str,
                  env: dict[str, str], python: str = "python", poll_s: float = 2.0,
                  submission_id: str | None = None, out: Any = None) -> int:
     """Submit the study as a Ray Job and follow it; returns 0 when it SUCCEEDED, 1 otherwise.
 
-    The job's working directory is a fresh folder holding a copy of the space YAML (``space.yaml``);
-    ``run_args`` are the ``study.run`` arguments after the space (overrides, ``--name``, an absolute
-    ``--storage``...). ``env`` goes to every process of the job (``env_vars``)."""
+    The space YAML is copied to ``stage_dir`` (a folder on the shared storage, e.g. ``<storage>/.jobs``)
+    and the job runs ``python -m study.run <that copy> <run_args>``; ``run_args`` are the ``study.run``
+    arguments after the space (overrides, ``--name``, an absolute ``--storage``...). ``env`` goes to every
+    process of the job (``env_vars``). No ``working_dir`` is used: Ray removed the unpacked working
+    directory under a running study's driver (its cwd) in Ray 2.60, which broke Tune at the end."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     out = out or sys.stdout
@@ -343,12 +345,14 @@ def submit_study(*, address: str | None, space_path: Path, run_args: Sequence[st
         raise ConfigError(f"--submit: cannot reach the Ray jobs API at {url} ({str(exc).splitlines()[0]}): expected "
                           f"the head node's dashboard address (--address http://HEAD:8265 or RAY_ADDRESS) and, with "
                           f"token auth, ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
-    work = Path(tempfile.mkdtemp(prefix="brainage-job-"))
-    (work / "space.yaml").write_text(Path(space_path).read_text())
-    runtime_env: dict[str, Any] = {"working_dir": str(work), **code_runtime_env(code)}
+    stage_dir = Path(stage_dir).resolve()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    staged = stage_dir / f"{Path(space_path).stem}-{uuid.uuid4().hex[:8]}.yaml"
+    staged.write_text(Path(space_path).read_text())
+    runtime_env: dict[str, Any] = dict(code_runtime_env(code))
     if env:
         runtime_env["env_vars"] = dict(env)
-    entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "study.run", "space.yaml", *run_args])
+    entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "study.run", str(staged), *run_args])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                                metadata={"brainage_study": Path(space_path).name})
     print(f"[submit] job {job_id} submitted to {url}: {entrypoint}", file=out, flush=True)

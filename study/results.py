@@ -50,15 +50,20 @@ def git_commit(repo: str | Path | None = None) -> str:
 
 
 def package_versions() -> str:
-    """JSON text of the versions that matter for reproducing a trial."""
-    import optuna
-    import ray
-    import torch
+    """JSON text of the versions that matter for reproducing a trial (read from the installed package
+    metadata: the driver never needs to import torch)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import brainage_core
 
-    return json.dumps({"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-                       "optuna": optuna.__version__, "brainage_core": brainage_core.__version__}, sort_keys=True)
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return json.dumps({"python": platform.python_version(), "torch": installed("torch"), "ray": installed("ray"),
+                       "optuna": installed("optuna"), "brainage_core": brainage_core.__version__}, sort_keys=True)
 
 
 class ResultsTable:

@@ -266,7 +266,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     """Run (or resume) a study; returns the study folder. Errors on bad input are BrainageError.
 
     ``address`` (else ``$RAY_ADDRESS``): an existing Ray cluster (see the module docstring)."""
-    from study.cluster import check_dashboard_exposure, code_runtime_env, is_uri
+    from study.cluster import check_dashboard_exposure, code_runtime_env, inside_ray_job, is_uri
 
     for warning in check_dashboard_exposure(dashboard_host, allow_no_auth=allow_no_auth):
         print(warning, file=sys.stderr, flush=True)
@@ -275,6 +275,10 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                           f"expected a shared file system path (mount the bucket, e.g. with s3fs or gcsfuse, at the "
                           f"same path on every node); see docs/cluster.md")
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if inside_ray_job():
+        # Tune's TensorBoard logger imports torch late; in a job's driver, loading libtorch_cpu after Ray's
+        # libraries failed ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Loading it first works.
+        import torch  # noqa: F401
     space_path = Path(space_path)
     space = load_search_space(space_path, overrides)
     name = name or space_path.stem
@@ -297,8 +301,6 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     from study.trial import TrialSpec, run_trial
 
     st = space.study
-    from study.cluster import inside_ray_job
-
     in_job = inside_ray_job()  # a submitted job already carries its runtime_env (code, env vars)
     info = start_ray(st.resources, st.max_concurrent_trials, env=None if in_job else _forwarded_env(),
                      address=address, dashboard_host=dashboard_host,
@@ -403,8 +405,8 @@ def _submit(args: argparse.Namespace) -> int:
         run_args.append("--resume")
     if args.optuna_storage:
         run_args += ["--optuna-storage", args.optuna_storage]
-    return submit_study(address=url, space_path=Path(args.space), run_args=run_args, code=args.code,
-                        env=_forwarded_env(), python=args.job_python)
+    return submit_study(address=url, space_path=Path(args.space), stage_dir=Path(args.storage) / ".jobs",
+                        run_args=run_args, code=args.code, env=_forwarded_env(), python=args.job_python)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
