@@ -79,7 +79,7 @@ FORMATS: tuple[str, ...] = ("openbhb", "nifti")
 
 #: Bumped whenever the generative model changes what a (seed, subject) pair produces, so that
 #: cached cohorts (brainage_core.data.sources) made by an older generator are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 ANATOMY_SD_MM = 2.5
 #: Gaussian correlation scales (mm) of the smooth random fields.
@@ -93,6 +93,11 @@ FWHM_RANGE_MM = (0.0, 3.0)
 NOISE_RANGE = (0.0, 0.03)
 NOISE_FLOOR = 0.005
 NOISE_SMOOTH_VOXELS = 0.7  # sigma of the noise's Gaussian correlation, in full-grid voxels
+#: Per-site *regional* segmentation differences: smooth fields (Gaussian correlation scale in mm) added to
+#: the site's logit bias b_s and log slope log k_s, with the same SDs as the global draws.
+SEG_FIELD_SMOOTH_MM = 25.0
+SEG_BIAS_FIELD_SD = 0.35
+SEG_SLOPE_FIELD_SD = 0.12
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class SiteEffects:
     gain: float
     offset: float
     noise: float  # U(0, 0.03) draw; SD = NOISE_FLOOR + noise at strength 1
+    seg_bias_coefficients: np.ndarray  # (K, K, K) unit-variance field (SEG_FIELD_SMOOTH_MM) added to seg_bias
+    seg_slope_coefficients: np.ndarray  # same, added to seg_log_slope
 
 
 def _field_coefficients(rng: np.random.Generator, smooth_mm: float) -> np.ndarray:
@@ -136,6 +143,8 @@ def site_effects(site_xacq: int, seed: int) -> SiteEffects:
         gain=float(rng.normal(0.0, 0.06)),
         offset=float(rng.normal(0.0, 0.01)),
         noise=float(rng.uniform(*NOISE_RANGE)),
+        seg_bias_coefficients=_field_coefficients(rng, SEG_FIELD_SMOOTH_MM),
+        seg_slope_coefficients=_field_coefficients(rng, SEG_FIELD_SMOOTH_MM),
     )
 
 
@@ -212,20 +221,26 @@ def make_subject(plan_row: pd.Series | dict, grid: str, strength: float, seed: i
     gm = ndimage.map_coordinates(anat.gm, coords, order=1, mode="constant", cval=0.0, output=np.float32)
     del coords
 
-    # 3. Site segmentation: p' = sigmoid(k·logit(p) + b).
-    if s != 0.0:
-        k, b = np.exp(s * site.seg_log_slope), s * site.seg_bias
-        inside = gm > 1e-4
-        p = np.clip(gm[inside], 1e-4, 1.0 - 1e-4)
-        gm[inside] = 1.0 / (1.0 + np.exp(-(k * np.log(p / (1.0 - p)) + b)))
-
-    # 4. Ageing, head size, smooth subject modulation.
+    # 3. Grey-matter ageing (tissue loss in the subject's own space), *before* the site's segmentation:
+    # the scanner segments the aged brain, so its contrast decides how the loss shows in the GM map.
     loss = gm_loss(scalars.bio_age)
     modulation = smooth_field(_field_coefficients(rng, MODULATION_SMOOTH_MM), grid)
     gm *= 1.0 - loss * (0.6 * anat.regional + 0.4 * anat.csf_closeness)
+
+    # 4. Site segmentation, regionally varying: p' = sigmoid(k_s(x)·logit(p) + b_s(x)).
+    if s != 0.0:
+        inside = gm > 1e-4
+        bias = s * (site.seg_bias + SEG_BIAS_FIELD_SD * smooth_field(site.seg_bias_coefficients, grid)[inside])
+        log_slope = s * (
+            site.seg_log_slope + SEG_SLOPE_FIELD_SD * smooth_field(site.seg_slope_coefficients, grid)[inside]
+        )
+        p = np.clip(gm[inside], 1e-4, 1.0 - 1e-4)
+        gm[inside] = 1.0 / (1.0 + np.exp(-(np.exp(log_slope) * np.log(p / (1.0 - p)) + bias)))
+
+    # 5. Jacobian-like modulation: head size and a smooth subject field.
     gm *= scalars.head_scale * (1.0 + 0.04 * modulation)
 
-    # 5. Site acquisition.
+    # 6. Site acquisition.
     native = np.full(3, 1.1 + s * (site.inplane_mm - 1.1))
     native[site.slice_axis] = np.mean(SLICE_CHOICES_MM) + s * (site.slice_mm - np.mean(SLICE_CHOICES_MM))
     zoom = np.minimum(1.0, voxel / np.maximum(native, 1e-3))
