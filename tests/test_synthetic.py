@@ -148,6 +148,24 @@ def test_strength_zero_removes_every_site_effect():
     assert not np.array_equal(make_subject(row, "6mm", 1.5, 0), make_subject(other, "6mm", 1.5, 0))
 
 
+def test_site_segmentation_differs_by_region(monkeypatch):
+    """The regional segmentation fields change the map up in some regions and down in others (not a
+    global rescaling), and only the site's signature: at strength 0 they do nothing."""
+    import brainage_core.data.synthetic as synthetic
+
+    row = plan_cohort(subjects=10, sites=3, seed=0).iloc[0]
+    regional = make_subject(row, "6mm", 1.5, 0)
+    monkeypatch.setattr(synthetic, "SEG_BIAS_FIELD_SD", 0.0)
+    monkeypatch.setattr(synthetic, "SEG_SLOPE_FIELD_SD", 0.0)
+    uniform = make_subject(row, "6mm", 1.5, 0)
+    control = make_subject(row, "6mm", 0.0, 0)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(control, make_subject(row, "6mm", 0.0, 0))
+    gm = uniform > 0.3
+    change = regional[gm] / uniform[gm] - 1.0
+    assert np.mean(change > 0.05) > 0.05 and np.mean(change < -0.05) > 0.05
+
+
 def test_coarse_grid_matches_block_averaged_full_grid_anatomy():
     from brainage_core.grids import to_grid
 

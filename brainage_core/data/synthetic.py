@@ -9,19 +9,33 @@ be regenerated alone):
    anatomy (smooth random field, SD 2.5 mm per axis) + ventricle expansion (outward field around the
    lateral ventricles, ``0.5 + 7·t^2.5`` mm with ``t = (bio − 6)/82``) + a per-site registration shift
    (N(0, 0.75 mm) per axis) + 0.3 mm per subject;
-3. site segmentation differences ``p' = sigmoid(k_s·logit(p) + b_s)``, ``b_s ~ N(0, 0.35)``,
-   ``log k_s ~ N(0, 0.12)``;
-4. grey-matter ageing ``× (1 − loss(bio)·(0.6·regional + 0.4·closeness to CSF))`` with
-   ``loss(a) = 0.06·tanh((a − 6)/8) + 0.24·t``, head size ``exp(N(0, 0.07))·(1.05 male | 0.95 female)``
-   and a smooth ``1 + 0.04·field``;
-5. site acquisition: native voxel size (in-plane U(0.9, 1.3) mm, slice one of 1, 1, 1.2, 1.5, 2 mm,
+3. grey-matter ageing (tissue loss) ``× (1 − loss(bio)·(0.6·regional + 0.4·closeness to CSF))`` with
+   ``loss(a) = 0.06·tanh((a − 6)/8) + 0.24·t``;
+4. site segmentation of the *aged* tissue, regionally varying:
+   ``p' = sigmoid(k_s(x)·logit(p) + b_s(x))`` with ``b_s(x) = b_s + 0.35·f_s(x)``, ``b_s ~ N(0, 0.35)``,
+   and ``log k_s(x) = log k_s + 0.12·g_s(x)``, ``log k_s ~ N(0, 0.12)``; ``f_s``, ``g_s`` are per-site
+   unit-variance smooth fields of 25 mm correlation (tissue contrast, hence CAT12's classification of
+   partial-volume voxels, varies across the head with coil sensitivity and B1 inhomogeneity, and differs
+   between scanners region by region, e.g. deep grey matter versus cortex). A field has hundreds of
+   degrees of freedom, so a linear model trained on a few dozen sites cannot become invariant to a new
+   site's field; segmenting after ageing makes the site's local contrast decide how much of the
+   age-related loss shows in the map (an age-dependent site effect);
+5. Jacobian-like modulation: head size ``exp(N(0, 0.07))·(1.05 male | 0.95 female)`` and a smooth
+   ``1 + 0.04·field``;
+6. site acquisition: native voxel size (in-plane U(0.9, 1.3) mm, slice one of 1, 1, 1.2, 1.5, 2 mm,
    along a per-site axis) applied by resampling down and up, Gaussian blur FWHM U(0, 3) mm, a per-site
    smooth bias field (amplitude U(2 %, 8 %), ×U(0.7, 1.3) per subject), gain ``1 + N(0, 0.06)``,
    offset N(0, 0.01), smoothed noise SD ``0.005 + U(0, 0.03)``; clip at 0; × dilated brain mask.
 
+Departures from ``../shared/docs/synthetic-cohort.md`` (documented with their measurements in
+``docs/realism.md``): the regional segmentation fields of step 4, and segmentation after ageing (the doc
+segments before ageing). With only the doc's scalar site effects, a ridge trained on 56 sites became
+invariant to them and unseen sites were not predicted worse than seen ones.
+
 ``strength`` multiplies every site deviation *from the cohort average* (registration shift,
-segmentation bias and slope, bias-field amplitude, gain, offset, and the departures of voxel size, blur
-and noise from their means): 0 = every site acquires alike. Volumes are float32, about 0…1.25.
+segmentation bias and slope and their regional fields, bias-field amplitude, gain, offset, and the
+departures of voxel size, blur and noise from their means): 0 = every site acquires alike. Volumes
+are float32, about 0…1.25.
 
 Coarse grids run the same steps at their own resolution (millimetre parameters converted to voxels;
 noise SD scaled by ``factor^-1.5``, the effect of block-averaging finely correlated noise).
