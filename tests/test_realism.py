@@ -2,8 +2,9 @@
 
 Bounds (a ~340-subject cohort on the 6 mm grid, 3 re-partitions, seed 0): with strength 1.5 and real
 per-site ages the site probe reaches ≥ 5× chance and the ridge's MAE ratio ext/int exceeds the
-control's; the control (strength 0, age_confound 0) stays ≤ 3× chance and its ratio ≤ 1.25. The full
-bars (~1,200 subjects at 3 mm) are measured in docs/realism.md, not here.
+control's by ≥ 0.15 (generator version 2 measured 1.42 against 1.10); the control (strength 0,
+age_confound 0) stays ≤ 3× chance and its ratio ≤ 1.25. The full bars (~1,200 subjects at 3 mm) are
+measured in docs/realism.md, not here.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_site_effects_versus_control(site_store, control_store, capsys):
 
     assert sites["site_bacc"] >= 5 * sites["chance"]
     assert control["site_bacc"] <= 3 * control["chance"]
-    assert sites["ratio"] > control["ratio"]
+    assert sites["ratio"] >= control["ratio"] + 0.15
     assert sites["mae_ext"] > control["mae_ext"]
     assert control["ratio"] <= 1.25
     for fig in (sites, control):
