@@ -32,6 +32,12 @@ DEFAULT_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     # A Train worker group that cannot start turns into an error after this, not an endless retry.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+    # The Train controller polls its workers every 2 s by default: each DDP trial waited up to that long
+    # to see its workers start and again to see them finish (bench/study_overhead.py).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Per-run structured JSON logs of the Train controller and workers: files nobody reads here.
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
 }
 
 

@@ -52,6 +52,10 @@ from study.space import SearchSpace, load_search_space
 __all__ = ["main", "run_study", "StudyCallback", "FAULT_KILL_DRIVER_AFTER_RESULTS"]
 
 FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
+#: in-trial studies (num_workers == 1) reuse each trial process for the next trial: no new process, no
+#: re-import of torch and Ray (bench/study_overhead.py). Never for DDP trials: reusing a trial that runs a
+#: TorchTrainer broke it in Ray 2.60 (ray-notes.md).
+REUSE_ACTORS = True
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
 FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
 
@@ -350,7 +354,8 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                 tune_config=tune.TuneConfig(search_alg=build_searcher(space, study_dir, name,
                                                                       storage_url=storage_url),
                                             scheduler=build_scheduler(space), num_samples=st.num_samples,
-                                            max_concurrent_trials=st.max_concurrent_trials, reuse_actors=False),
+                                            max_concurrent_trials=st.max_concurrent_trials,
+                                            reuse_actors=REUSE_ACTORS and res.num_workers == 1),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(study_dir),
                     # DDP trials already restart their worker group (Train's FailureConfig); one Tune-level
