@@ -121,7 +121,11 @@ def _open_study_store(config: dict, store: str | Path | None):
 
 
 def _fit_probe_and_bias(model, store, config: dict, *, device: str, batch_size: int) -> dict[str, Any]:
-    """Age probe on the train split minus the validation parts; bias correction on the validation parts."""
+    """Age probe on the train split minus the validation parts; bias correction on the validation parts.
+
+    ``model`` must see the inputs the network was trained on: pass it behind
+    ``brainage_core.export.ramp.centered_view`` (the trial's z-scoring / centred crop), as the evaluator does.
+    """
     from brainage_core.evaluation import extract_features, fit_age_probe, make_validation_split
 
     ecfg = config.get("evaluation") or {}
@@ -182,6 +186,7 @@ def export_submission(
     import torch
 
     from brainage_core.export import model_spec, write_submission
+    from brainage_core.export.ramp import centered_view
     from brainage_core.training import load_model_from_checkpoint
 
     study_dir = Path(study_dir).resolve()
@@ -200,11 +205,13 @@ def export_submission(
             f"store {data_store.path} has fingerprint {data_store.fingerprint[:12]}, the trial trained on "
             f"{fingerprint[:12]}: the age probe is fitted on different data", stacklevel=2,
         )
-    model = model.to(device).eval()
-    probe = _fit_probe_and_bias(
-        model, data_store, config, device=device, batch_size=int((config.get("evaluation") or {}).get("batch_size", 8))
-    )
     spec = model_spec(model.cpu(), config, grid=data_store.grid, batch_size=batch_size)
+    # the probe reads the features of the inputs the network was trained on (training.augment's
+    # deterministic transform), exactly as estimator.py and the training's evaluator do
+    view = centered_view(model.to(device).eval(), spec)
+    probe = _fit_probe_and_bias(
+        view, data_store, config, device=device, batch_size=int((config.get("evaluation") or {}).get("batch_size", 8))
+    )
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop(labels=["checkpoint"]).items()}
     metadata = {
         "study": study_dir.name,

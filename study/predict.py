@@ -2,7 +2,9 @@
 
 Brain age of a new cohort from an exported submission (``study/export.py``): the cohort is prepared on
 the model's grid (``brainage_core.data.prepare``, the same checks and preprocessing as training), the
-network in ``weights.pth`` gives the features, and the age probe in ``metadata.pkl`` the brain age.
+network in ``weights.pth`` gives the features of the inputs it was trained on (``model_spec``'s ``zscore``
+/ ``crop``: the training's deterministic transform, ``brainage_core.export.ramp.centered_view``), and
+the age probe in ``metadata.pkl`` the brain age.
 
 Output CSV, one row per subject: ``participant_id``, ``split``, ``site``, ``age`` (years, as given),
 ``brain_age``, ``brain_age_gap`` (brain_age − age) and the usual linear bias correction fitted at export
@@ -105,11 +107,12 @@ def predict_cohort(
     """
     from brainage_core.data.prepare import prepare
     from brainage_core.evaluation import extract_features
+    from brainage_core.export.ramp import centered_view
 
     if layout not in LAYOUTS:
         raise DataError(f"--layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     model, meta = load_submission(submission)
-    model = model.to(device)
+    model = centered_view(model.to(device), meta["model_spec"])
     grid = meta["model_spec"]["grid"]
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="brainage-predict-") as scratch:

@@ -25,25 +25,30 @@ def small_store(root: Path, *, subjects: int = 30, sites: int = 4, seed: int = 0
     return root / "store6"
 
 
-def experiment_config(store: Path, *, temperature: float, epochs: int = 2) -> dict:
+def experiment_config(store: Path, *, temperature: float, epochs: int = 2, augment: dict | None = None) -> dict:
+    """A tiny yaware experiment; ``augment``: ``training.augment`` options (default: all off)."""
     return {
         "data": {"store": str(store), "grid": "6mm"},
         "model": {"backbone": "resnet18", "base_width": 4},
         "loss": {"method": "yaware", "kernel": "rbf", "sigma": 5.0, "temperature": temperature},
         "optimizer": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0},
         "schedule": {"name": "none"},
-        "training": {"epochs": epochs, "batch_size": 6, "views": 2, "loader_workers": 0, "device": "cpu", "seed": 0},
+        "training": {"epochs": epochs, "batch_size": 6, "views": 2, "loader_workers": 0, "device": "cpu", "seed": 0,
+                     "augment": {"crop": False, "cutout": False, "zscore": False, **(augment or {})}},
         "evaluation": {"eval_every": 1, "batch_size": 12, "val_internal_frac": 0.15, "val_external_frac": 0.2},
     }
 
 
-def trained_study(folder: Path, store: Path, *, temperatures: tuple[float, ...] = (0.1, 0.5), epochs: int = 2) -> Path:
-    """Train one trial per temperature and write the study folder; returns it."""
+def trained_study(
+    folder: Path, store: Path, *, temperatures: tuple[float, ...] = (0.1, 0.5), epochs: int = 2,
+    augment: dict | None = None,
+) -> Path:
+    """Train one trial per temperature (``augment``: ``training.augment`` options) and write the study folder."""
     from brainage_core.training import train
     from study.results import ResultsTable
 
     folder.mkdir(parents=True, exist_ok=True)
-    base = experiment_config(store, temperature=temperatures[0], epochs=epochs)
+    base = experiment_config(store, temperature=temperatures[0], epochs=epochs, augment=augment)
     (folder / "config.yaml").write_text(
         yaml.safe_dump({**base, "search": {"loss.temperature": {"loguniform": [0.05, 1.0]}}, "study": {}})
     )
@@ -59,7 +64,8 @@ def trained_study(folder: Path, store: Path, *, temperatures: tuple[float, ...] 
                 shutil.copytree(checkpoint_dir, kept)
                 table.set_checkpoint(trial, str(kept))
 
-        train(experiment_config(store, temperature=temperature, epochs=epochs), folder / "runs" / trial, callback=keep)
+        config = experiment_config(store, temperature=temperature, epochs=epochs, augment=augment)
+        train(config, folder / "runs" / trial, callback=keep)
         table.set_status(trial, "completed")
     return folder
 

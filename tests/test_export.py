@@ -212,3 +212,61 @@ def test_bad_inputs(world, tmp_path):
                            str(tmp_path / "y")], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("export: error:") and "no finished trial" in proc.stderr
     assert proc.stderr.count("\n") == 1  # one line, no traceback
+
+
+@pytest.fixture(scope="module")
+def augmented_study(world):
+    """A study of one trial trained with ``training.augment`` z-scoring and crop on (6 mm: 37 -> 32, padded to 32³)."""
+    return trained_study(world["root"] / "study_zc", world["store6"], temperatures=(0.2,), epochs=1,
+                         augment={"zscore": True, "crop": True})
+
+
+def _evaluator_features(model, volumes: np.ndarray) -> np.ndarray:
+    """What the training's evaluator reads: ``EvaluationView`` (``DeviceAugment.center`` then ``features``)."""
+    from brainage_core.data.augment import DeviceAugment
+    from brainage_core.training.loop import EvaluationView
+
+    view = EvaluationView(model, DeviceAugment("6mm", crop=True, zscore=True), bf16=False,
+                          memory_format=torch.contiguous_format)
+    return extract_features(view, volumes, batch_size=4)
+
+
+def test_zscore_crop_model_is_exported_with_its_input_transform(world, augmented_study, tmp_path):
+    from brainage_core.evaluation import make_validation_split
+
+    out = tmp_path / "sub"
+    proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(augmented_study), "--out", str(out),
+                           "--batch-size", "2"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    meta = pd.read_pickle(out / "metadata.pkl")
+    assert meta["model_spec"]["zscore"] is True and meta["model_spec"]["crop"] is True
+    text = (out / "estimator.py").read_text()
+    assert forbidden_words(text) == [] and "ZSCORE = True" in text and "CROP = True" in text
+    model, _ = load_model_from_checkpoint(meta["checkpoint"])
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    clean_env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(driver), str(out), str(world["ramp"]), str(tmp_path / "f.npz")],
+                          capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp_path / "f.npz")
+    rows6 = open_store(world["rows6"])
+    for part, splits in (("train", ("train",)), ("test", ("internal_test", "external_test"))):
+        volumes = np.concatenate([rows6.array(s) for s in splits])
+        expected = _evaluator_features(model, volumes)
+        raw = extract_features(model, volumes, batch_size=4)
+        assert np.abs(expected - raw).max() > 1e-3  # the transform matters: raw inputs would fail below
+        np.testing.assert_allclose(got[part], expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[part + "_fold"], expected[[len(volumes) - 1, 0]], atol=1e-5, rtol=0)
+    # the age probe and the bias line were fitted on the transformed inputs' features
+    store = open_store(world["store6"])
+    ecfg = meta["config"]["evaluation"]
+    table = store.table("train")
+    split = make_validation_split(table, internal_frac=ecfg["val_internal_frac"],
+                                  external_frac=ecfg["val_external_frac"], seed=ecfg["val_seed"])
+    val_rows = np.sort(np.concatenate([split.val_internal_rows, split.val_external_rows]))
+    ages = table.set_index("row")["age"].loc[val_rows].to_numpy(dtype=float)
+    feats = _evaluator_features(model, np.asarray(store.array("train")[val_rows]))
+    slope, intercept = np.polyfit(ages, meta["age_probe"].predict(feats), 1)
+    assert meta["bias_correction"]["slope"] == pytest.approx(slope, abs=1e-6)
+    assert meta["bias_correction"]["intercept"] == pytest.approx(intercept, abs=1e-5)

@@ -110,3 +110,34 @@ def test_bad_inputs(world, tmp_path):
         capture_output=True, text=True, env=ENV, timeout=300,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("predict: error:") and "no_cohort" in proc.stderr
+
+
+def test_predict_feeds_the_trained_input_transform(world, tmp_path):
+    """A zscore + crop model: brain ages come from the features of the transformed input, as in training."""
+    from brainage_core.data.augment import DeviceAugment
+    from brainage_core.training.loop import EvaluationView
+
+    study = trained_study(tmp_path / "study_zc", world["root"] / "store6", temperatures=(0.2,), epochs=1,
+                          augment={"zscore": True, "crop": True})
+    submission = export_submission(study, tmp_path / "submission_zc")
+    meta = pd.read_pickle(submission / "metadata.pkl")
+    assert meta["model_spec"]["zscore"] and meta["model_spec"]["crop"]
+    paths = predict_cohort(submission, world["nifti"], layout="nifti", out=tmp_path / "p.csv",
+                           store=tmp_path / "cohort_store")
+    pred = pd.read_csv(paths["predictions"], dtype={"participant_id": str})
+    model, _ = load_model_from_checkpoint(meta["checkpoint"])
+    view = EvaluationView(model, DeviceAugment("6mm", crop=True, zscore=True), bf16=False,
+                          memory_format=torch.contiguous_format)
+    store = prepare(world["nifti"], layout="nifti", out=tmp_path / "ref_store", grid="6mm", progress=False)
+    parts = []
+    for split in store.splits:
+        table, array = store.table(split), store.array(split)
+        rows = table["row"].to_numpy()
+        parts.append(table[["participant_id"]].assign(
+            expected=meta["age_probe"].predict(extract_features(view, array, rows)),
+            raw=meta["age_probe"].predict(extract_features(model, array, rows)),
+        ))
+    merged = pred.merge(pd.concat(parts, ignore_index=True), on="participant_id")
+    assert len(merged) == len(pred)
+    assert np.abs(merged["expected"] - merged["raw"]).max() > 1e-2  # raw inputs would give other ages
+    np.testing.assert_allclose(merged["brain_age"], merged["expected"], atol=1e-4)

@@ -8,8 +8,11 @@ A submission folder holds:
   ``count(VBM_MASK > 0.05)`` values are placed into the mask's voxels in C order on the 121×145×121
   grid (zeros elsewhere), the volume is block-averaged to the model's grid in float32 (the code of
   ``brainage_core.grids.block_average``, copied) and cast to float16, as ``prepare`` does for the
-  ``ramp`` layout. The file contains none of the RAMP sanitizer's forbidden substrings (checked here
-  with the project's strict list, any case, and with ramp-workflow's own sanitizer when installed).
+  ``ramp`` layout. The network then sees the training's deterministic input transform
+  (``brainage_core.data.augment.DeviceAugment.center`` for the trial's ``training.augment``: per-volume
+  z-scoring and/or the centred crop + zero-padding), replicated in plain torch. The file contains
+  none of the RAMP sanitizer's forbidden substrings (checked here with the project's strict list, any
+  case, and with ramp-workflow's own sanitizer when installed).
 - ``weights.pth``: ``{"model": state_dict}`` (loadable with ``torch.load(weights_only=True)``).
 - ``metadata.pkl``: a plain dict (read with ``pandas.read_pickle``) written by the caller.
 
@@ -22,6 +25,7 @@ memory-mapped flat array, processed in batches of ``batch_size`` rows -> float32
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from brainage_core.data.augment import CROP_LENGTH_FULL, PAD_TO_FULL
 from brainage_core.errors import BrainageError, ConfigError
 from brainage_core.grids import GRID_FACTORS, GRID_SHAPES
 
@@ -70,7 +75,9 @@ class ModelSpec:
     ``backbone``: key of ``brainage_core.models.BACKBONES``; ``head``: ``contrastive`` | ``regression``;
     ``proj_dim``/``normalize``/``feature``: contrastive head options (ignored for regression);
     ``grid``: the model's input grid (``full``/``3mm``/``6mm``); ``feature_dim``: p;
-    ``batch_size``: rows per forward pass in ``predict``.
+    ``batch_size``: rows per forward pass in ``predict``; ``zscore``/``crop``: the trial's
+    ``training.augment`` options, i.e. which deterministic input transform the network expects
+    (``DeviceAugment.center``; both False for submissions exported before these fields existed).
     """
 
     backbone: str
@@ -82,17 +89,21 @@ class ModelSpec:
     grid: str
     feature_dim: int
     batch_size: int = 8
+    zscore: bool = False
+    crop: bool = False
 
 
 def model_spec(model: nn.Module, config: dict[str, Any], *, grid: str, batch_size: int = 8) -> ModelSpec:
     """The :class:`ModelSpec` of a model built by ``brainage_core.models.build_model`` from ``config``.
 
     Head options are read from the model itself (``out_dim``, ``normalize``, ``feature``), so they are
-    the ones the weights were trained with. ``ExportError`` for an unknown grid or p > 10,000.
+    the ones the weights were trained with; ``zscore``/``crop`` from ``config["training"]["augment"]``.
+    ``ExportError`` for an unknown grid or p > 10,000.
     """
     from brainage_core.models import HEADS, ContrastiveModel
 
     mcfg = config.get("model", {})
+    augment = (config.get("training") or {}).get("augment") or {}
     backbone, head = str(mcfg.get("backbone")), str(mcfg.get("head"))
     if head not in HEADS:
         raise ExportError(f"config model.head = {head!r}; expected one of {', '.join(HEADS)}")
@@ -109,6 +120,8 @@ def model_spec(model: nn.Module, config: dict[str, Any], *, grid: str, batch_siz
         grid=grid,
         feature_dim=int(model.feature_dim),
         batch_size=int(batch_size),
+        zscore=bool(augment.get("zscore", False)),
+        crop=bool(augment.get("crop", False)),
     )
     if spec.feature_dim > MAX_FEATURES:
         raise ExportError(
@@ -117,6 +130,24 @@ def model_spec(model: nn.Module, config: dict[str, Any], *, grid: str, batch_siz
     if spec.batch_size < 1:
         raise ExportError(f"batch_size = {batch_size}; expected an integer >= 1")
     return spec
+
+
+def centered_view(model: nn.Module, spec: ModelSpec | Mapping[str, Any]) -> nn.Module:
+    """``model`` behind the deterministic input transform it was trained with, for feature extraction.
+
+    ``spec``: a :class:`ModelSpec` or its dict (``metadata.pkl``'s ``model_spec``; missing ``zscore``/``crop``
+    read as False). Returns the training loop's ``EvaluationView`` in float32 (no bf16, contiguous
+    memory): ``features(x)`` maps a float batch (B, 1, D, H, W) on the spec's grid to
+    ``model.features(DeviceAugment(grid, crop=..., zscore=...).center(x))``, as the evaluator does.
+    """
+    from brainage_core.data.augment import DeviceAugment
+    from brainage_core.training.loop import EvaluationView
+
+    values = asdict(spec) if isinstance(spec, ModelSpec) else dict(spec)
+    augment = DeviceAugment(
+        str(values["grid"]), crop=bool(values.get("crop", False)), zscore=bool(values.get("zscore", False))
+    )
+    return EvaluationView(model, augment, bf16=False, memory_format=torch.contiguous_format)
 
 
 def forbidden_words(text: str) -> list[str]:
@@ -167,6 +198,7 @@ __BATCH__ rows at a time, and returns float32 features (rows, __FEATURE_DIM__).
 Preprocessing, exactly as the project's prepared store: the first count(mask > 0.05) values of a row go
 into the mask voxels in C order on the 121x145x121 grid (zeros elsewhere); the volume is block-averaged
 __BLOCK__x__BLOCK__x__BLOCK__ in float32 (zero-padded at the high end of each axis) and cast to float16.
+The network then sees the training's deterministic input transform (center_input): __TRANSFORM__.
 """
 
 from __future__ import annotations
@@ -193,6 +225,10 @@ PROJ_DIM = __PROJ_DIM__
 NORMALIZE = __NORMALIZE__
 FEATURE = "__FEATURE__"
 FEATURE_DIM = __FEATURE_DIM__
+ZSCORE = __ZSCORE__
+CROP = __CROP__
+CROP_LENGTH = __CROP_LENGTH__
+PAD_TO = __PAD_TO__
 WEIGHTS = Path(__file__).resolve().parent / "weights.pth"
 
 
@@ -243,6 +279,26 @@ def preprocess_rows(flat, mask):
     return out
 
 
+def center_input(x):
+    """What the network was trained on: float32 (b, 1, *GRID_SHAPE) -> (b, 1, D', H', W').
+
+    ZSCORE: per volume (x - mean) / (std + 1e-6), unbiased std over all non-batch axes. CROP: the centred
+    CROP_LENGTH voxels of axis 3 (H), then centred zero-padding of every spatial axis to PAD_TO.
+    """
+    if ZSCORE:
+        dims = tuple(range(1, x.ndim))
+        x = (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True) + 1e-6)
+    if CROP:
+        start = (x.shape[3] - CROP_LENGTH) // 2
+        x = x[:, :, :, start:start + CROP_LENGTH]
+        pads = []
+        for n in reversed(x.shape[2:]):  # pad lists the last axis first
+            total = max(PAD_TO - n, 0)
+            pads += [total // 2, total - total // 2]
+        x = torch.nn.functional.pad(x, pads)
+    return x
+
+
 class BrainAgeFeatures(BaseEstimator, TransformerMixin):
     """The network's features of flat VBM rows; `indices` selects the rows of X to use (None: all)."""
 
@@ -272,7 +328,7 @@ class BrainAgeFeatures(BaseEstimator, TransformerMixin):
                 batch_rows = rows[start:start + int(self.batch_size)]
                 flat = np.asarray(X[batch_rows, :n_vbm])
                 volumes = torch.from_numpy(preprocess_rows(flat, self.mask_).astype(np.float32))
-                features = self.network_.features(volumes.to(self.device_))
+                features = self.network_.features(center_input(volumes.to(self.device_)))
                 out[start:start + batch_rows.size] = features.float().cpu().numpy()
         return out
 
@@ -285,6 +341,15 @@ def get_estimator():
     """The submission's scikit-learn Pipeline (one step with an `indices` attribute)."""
     return Pipeline([("features", BrainAgeFeatures())])
 '''
+
+
+def _transform_summary(spec: ModelSpec) -> str:
+    factor = GRID_FACTORS[spec.grid]
+    steps = ["per-volume z-scoring"] if spec.zscore else []
+    if spec.crop:
+        steps.append(f"centred crop of H to {CROP_LENGTH_FULL // factor}, centred zero-padding to "
+                     f"{PAD_TO_FULL // factor} per axis")
+    return ", then ".join(steps) or "none (identity)"
 
 
 def estimator_source(spec: ModelSpec, *, summary: str = "") -> str:
@@ -317,6 +382,11 @@ def estimator_source(spec: ModelSpec, *, summary: str = "") -> str:
         "__PROJ_DIM__": str(spec.proj_dim),
         "__NORMALIZE__": repr(bool(spec.normalize)),
         "__FEATURE__": spec.feature,
+        "__ZSCORE__": repr(bool(spec.zscore)),
+        "__CROP__": repr(bool(spec.crop)),
+        "__CROP_LENGTH__": str(CROP_LENGTH_FULL // GRID_FACTORS[spec.grid]),
+        "__PAD_TO__": str(PAD_TO_FULL // GRID_FACTORS[spec.grid]),
+        "__TRANSFORM__": _transform_summary(spec),
     }
     text = _TEMPLATE
     inlined_text = values.pop("__INLINED__")
