@@ -113,7 +113,10 @@ def test_multi_objective_smoke_study_writes_its_pareto_set(tmp_path):
     assert results["trial_id"].nunique() == 3
     assert set(results["status"]) <= {"completed", "pruned"} and "completed" in set(results["status"])
     for name in ("pareto.csv", "pareto.parquet"):
-        front = pd.read_parquet(study_dir / name) if name.endswith("parquet") else pd.read_csv(study_dir / name)
+        if name.endswith("parquet"):
+            front = pd.read_parquet(study_dir / name)
+        else:  # trial ids are hex strings: an all-digit one must not be read back as a number
+            front = pd.read_csv(study_dir / name, dtype={"trial_id": str})
         expected = pareto_front(results, ["val_mae_ext", "val_bacc"], ["min", "min"])
         assert len(front) >= 1 and sorted(front["trial_id"]) == sorted(expected["trial_id"])
         assert {"val_mae_ext", "val_bacc", "param.loss.temperature"} <= set(front.columns)
