@@ -360,3 +360,51 @@ def test_quasiraw_modality_keeps_its_own_grid(tmp_path):
     # the VBM files are absent: every row lacks its file
     with pytest.raises(DataError, match=r"participant 'q0' .*sub-q0_preproc-cat12vbm_desc-gm_T1w.npy\): no file"):
         prepare(root, layout="openbhb", out=tmp_path / "s3", progress=False)
+
+
+def test_require_age_false_accepts_unknown_ages_and_the_default_still_refuses(tmp_path):
+    root = tmp_path / "src"
+    table, volumes = write_cohort(root)
+    with_gaps = table.assign(age=table["age"].where(~table["participant_id"].isin(["1001", "1006"])))
+    with_gaps.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(DataError) as default:  # default unchanged: same one-line message as before
+        prepare(root, layout="openbhb", out=tmp_path / "refused", progress=False)
+    assert str(default.value).startswith("participant '1001' (file ") and "age is missing (empty or NaN)" in str(
+        default.value
+    )
+
+    store = prepare(root, layout="openbhb", out=tmp_path / "gaps", progress=False, require_age=False)
+    assert store.manifest["require_age"] is False and store.manifest["options"]["require_age"] is False
+    got = store.participants.set_index("participant_id")["age"]
+    assert got.dtype == np.float64 and len(got) == len(table)
+    assert set(got.index[got.isna()]) == {"1001", "1006"}
+    known = table.set_index("participant_id")["age"].drop(["1001", "1006"])
+    np.testing.assert_array_equal(got.loc[known.index].to_numpy(), known.to_numpy())
+    row = store.table("train").set_index("participant_id").at["1001", "row"]
+    np.testing.assert_allclose(store.array("train")[row, 0], volumes["1001"].astype(np.float16), atol=0)
+
+    # no age column at all: refused by default (same message as before), accepted with require_age=False
+    table.drop(columns="age").to_csv(root / "participants.tsv", sep="\t", index=False)
+    no_column = r"participants.tsv: missing column\(s\) age; expected at least participant_id, age"
+    with pytest.raises(DataError, match=no_column):
+        prepare(root, layout="openbhb", out=tmp_path / "refused", progress=False)
+    store = prepare(root, layout="openbhb", out=tmp_path / "no_age", progress=False, require_age=False)
+    assert store.participants["age"].isna().all() and len(store.participants) == len(table)
+
+    # given ages are still checked with require_age=False
+    for bad, reason in (("old", r"age 'old' is not a finite number"), (250.0, r"age 250 is out of range")):
+        table.assign(age=table["age"].astype(object).where(table["participant_id"] != "1004", bad)).to_csv(
+            root / "participants.tsv", sep="\t", index=False
+        )
+        with pytest.raises(DataError, match=rf"participant '1004'.*{reason}"):
+            prepare(root, layout="openbhb", out=tmp_path / "bad", progress=False, require_age=False)
+
+
+def test_default_fingerprint_does_not_record_require_age(tmp_path):
+    root = tmp_path / "src"
+    write_cohort(root)
+    store = prepare(root, layout="openbhb", out=tmp_path / "store", progress=False)
+    assert "require_age" not in store.manifest["options"] and store.manifest["require_age"] is True
+    # the same source prepared with require_age=False is another preparation (another fingerprint)
+    other = prepare(root, layout="openbhb", out=tmp_path / "store", progress=False, require_age=False)
+    assert other.fingerprint != store.fingerprint and other.manifest["require_age"] is False

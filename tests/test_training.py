@@ -316,3 +316,27 @@ def test_two_rank_ddp_on_gloo(store_path, tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["generators"]["augment"], state["rng"][1]["generators"]["augment"])
     assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_store_with_unknown_ages_is_refused_with_a_clear_error(store_path, tmp_path):
+    """A store prepared for prediction (require_age=False, NaN ages) cannot be trained or evaluated on."""
+    import shutil
+
+    import pandas as pd
+
+    from brainage_core.errors import StoreError
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(store_path.parent / "cohort", cohort)
+    table = pd.read_csv(cohort / "participants.tsv", sep="\t", dtype={"participant_id": str})
+    blank = table["participant_id"].iloc[[2, 5]].tolist()
+    table.loc[table["participant_id"].isin(blank), "age"] = float("nan")
+    table.to_csv(cohort / "participants.tsv", sep="\t", index=False)
+    store = tmp_path / "store_no_age"
+    prepare(cohort, layout="openbhb", out=store, grid="6mm", progress=False, require_age=False)
+    with pytest.raises(StoreError) as info:
+        train(make_config(store, training={"epochs": 1}), tmp_path / "run")
+    message = str(info.value)
+    assert str(store) in message and "2 participant(s) without age" in message
+    assert all(repr(pid) in message for pid in blank) and "require_age=False" in message
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()

@@ -10,6 +10,11 @@ With ``on_error="raise"`` (default) the first invalid subject stops everything w
 ``DataError`` line naming the participant, the file and what was expected; with ``"skip"`` invalid
 subjects are left out and listed in ``STORE/skipped.tsv``.
 
+``require_age=False`` (a cohort to predict, true ages unknown): the table may lack the ``age`` column
+and empty/NaN ages are accepted and stored as NaN; ages that are given are still checked (number,
+range). The manifest then records ``"require_age": false`` and training/evaluation refuse the store
+(``brainage_core.evaluation.Evaluator``).
+
 Idempotence: the manifest records a fingerprint of the source (hash of the table(s), each file's
 path, size and mtime, the RAMP mask's hash) and of the options; preparing the same source with the
 same options again is a no-op. A folder without a manifest (an interrupted run) is prepared again.
@@ -70,13 +75,15 @@ def prepare(
     mask: str | Path | None = None,
     resample: bool = False,
     progress: bool = True,
+    require_age: bool = True,
 ) -> Store:
     """Prepare ``source`` (a cohort in ``layout``) into the store folder ``out``; return the Store.
 
     ``grid``: target grid (``full``/``3mm``/``6mm``; None keeps the source grid, which every subject
     must then share); finer sources are block-averaged, coarser ones rejected. ``mask``: the RAMP
     layout's GM mask NIfTI. ``resample``: NIfTI layout, resample images on other grids by their
-    affine (nilearn) instead of rejecting them. Raises DataError (bad input), ConfigError (bad
+    affine (nilearn) instead of rejecting them. ``require_age``: False accepts a missing age column
+    and empty/NaN ages (stored as NaN; for prediction only). Raises DataError (bad input), ConfigError (bad
     option) or StoreError; on error no complete-looking store is left behind (an existing store of
     an earlier source is kept only when nothing was written yet).
     """
@@ -91,9 +98,13 @@ def prepare(
     if modality == "quasiraw" and grid is not None:
         raise ConfigError(f"grid: {grid!r} does not apply to modality 'quasiraw' (its own 1 mm grid); expected none")
     out = Path(out)
-    reader = make_reader(layout, source, modality=modality, mask=mask, resample=resample, target=grid)
+    reader = make_reader(
+        layout, source, modality=modality, mask=mask, resample=resample, target=grid, require_age=require_age
+    )
     scan = reader.scan()
     options = {"layout": layout, "modality": modality, "grid": grid, "on_error": on_error, "resample": resample}
+    if not require_age:  # only then, so that the fingerprints of stores prepared before the option hold
+        options["require_age"] = False
     fingerprint = _fingerprint(scan.fingerprint, options)
 
     manifest = read_manifest(out)
@@ -111,7 +122,7 @@ def prepare(
     for i, problem in scan.problems.items():
         if not files.at[i]:
             files.at[i] = problem.file
-    problems = {**scan.problems, **row_problems(table, files)}
+    problems = {**scan.problems, **row_problems(table, files, require_age=require_age)}
     ordered = [problems[i] for i in table.index if i in problems] + scan.orphans
     if ordered and on_error == "raise":
         _raise_first(ordered)
@@ -183,6 +194,7 @@ def prepare(
                 "source_grids": sorted(source_grids),
                 "options": options,
                 "skipped": len(skipped),
+                "require_age": require_age,
             },
             skipped_table,
         )

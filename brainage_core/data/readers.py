@@ -142,8 +142,10 @@ class Reader:
 
     layout: str = ""
 
-    def __init__(self, source: str | Path, *, modality: str = "vbm"):
+    def __init__(self, source: str | Path, *, modality: str = "vbm", require_age: bool = True):
         self.source = Path(source)
+        #: False: the participants table may lack the age column (ages then NaN; see tables.read_table)
+        self.require_age = require_age
         if modality not in MODALITIES:
             raise ConfigError(f"modality: {modality!r}; expected one of {', '.join(MODALITIES)}")
         self.modality = modality
@@ -166,7 +168,7 @@ class OpenBHBReader(Reader):
     def scan(self) -> Scan:
         root = self.source
         table_path = find_table(root)
-        table = normalise_table(read_table(table_path))
+        table = normalise_table(read_table(table_path, require_age=self.require_age))
         suffix = OPENBHB_SUFFIX[self.modality]
         found: dict[str, list[Path]] = {}
         for path in sorted(root.glob(f"*/derivatives/sub-*/ses-*/sub-*{suffix}")):
@@ -216,8 +218,10 @@ class RampReader(Reader):
 
     layout = "ramp"
 
-    def __init__(self, source: str | Path, *, modality: str = "vbm", mask: str | Path | None = None):
-        super().__init__(source, modality=modality)
+    def __init__(
+        self, source: str | Path, *, modality: str = "vbm", mask: str | Path | None = None, require_age: bool = True
+    ):
+        super().__init__(source, modality=modality, require_age=require_age)
         if modality != "vbm":
             raise ConfigError(
                 "modality: 'quasiraw' is not readable from RAMP flat arrays (needs the quasi-raw mask); "
@@ -276,7 +280,7 @@ class RampReader(Reader):
                 if part == "test" and not npy.exists():
                     continue
                 raise
-            raw = read_table(table_path)
+            raw = read_table(table_path, require_age=self.require_age)
             if part == "test" and "split" not in raw.columns:
                 raise DataError(
                     f"{table_path}: no 'split' column; expected internal_test or external_test on every row"
@@ -322,8 +326,16 @@ class NiftiReader(Reader):
 
     layout = "nifti"
 
-    def __init__(self, source: str | Path, *, modality: str = "vbm", resample: bool = False, target: str | None = None):
-        super().__init__(source, modality=modality)
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        modality: str = "vbm",
+        resample: bool = False,
+        target: str | None = None,
+        require_age: bool = True,
+    ):
+        super().__init__(source, modality=modality, require_age=require_age)
         self.resample = resample
         self.target = target
 
@@ -333,7 +345,7 @@ class NiftiReader(Reader):
         else:
             root = self.source
             table_path = find_table(root)
-        raw = read_table(table_path)
+        raw = read_table(table_path, require_age=self.require_age)
         table = normalise_table(raw)
         images = sorted(p for p in root.rglob("*") if p.is_file() and re.search(r"\.nii(\.gz)?$", p.name))
         by_stem: dict[str, list[Path]] = {}
@@ -438,12 +450,16 @@ def make_reader(
     mask: str | Path | None = None,
     resample: bool = False,
     target: str | None = None,
+    require_age: bool = True,
 ) -> Reader:
-    """The reader of ``layout`` (``openbhb``, ``ramp`` or ``nifti``); ConfigError for another name."""
+    """The reader of ``layout`` (``openbhb``, ``ramp`` or ``nifti``); ConfigError for another name.
+
+    ``require_age=False``: the participants table may lack the ``age`` column (see ``tables.read_table``).
+    """
     if layout == "openbhb":
-        return OpenBHBReader(source, modality=modality)
+        return OpenBHBReader(source, modality=modality, require_age=require_age)
     if layout == "ramp":
-        return RampReader(source, modality=modality, mask=mask)
+        return RampReader(source, modality=modality, mask=mask, require_age=require_age)
     if layout == "nifti":
-        return NiftiReader(source, modality=modality, resample=resample, target=target)
+        return NiftiReader(source, modality=modality, resample=resample, target=target, require_age=require_age)
     raise ConfigError(f"layout: {layout!r}; expected one of {', '.join(LAYOUTS)}")

@@ -137,6 +137,26 @@ class Store:
         return self.table(split)["site"].astype(str).map(lookup).to_numpy(dtype=np.int64)
 
 
+def require_known_ages(store: Any, *, purpose: str = "training") -> None:
+    """StoreError naming the store and its participants without an age (NaN), if it has any.
+
+    ``store``: a :class:`Store` (or anything with ``path``, ``splits``, ``table(split)``). A store
+    prepared with ``require_age=False`` (prediction of a cohort whose ages are unknown) may hold NaN
+    ages; ``purpose`` (e.g. ``"training"``) says in the message what needs them.
+    """
+    missing: list[str] = []
+    for split in store.splits:
+        table = store.table(split)
+        missing += table.loc[table["age"].isna(), "participant_id"].astype(str).tolist()
+    if missing:
+        shown = ", ".join(repr(p) for p in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise StoreError(
+            f"{store.path}: {len(missing)} participant(s) without age: {shown}; {purpose} needs every age "
+            "(the store was prepared with require_age=False, for prediction only); expected a store "
+            "prepared from a table giving each subject's age"
+        )
+
+
 def open_store(path: str | Path) -> Store:
     """Open a prepared store; StoreError when it is missing or incomplete (no manifest)."""
     return Store(path)
@@ -290,4 +310,6 @@ def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-__all__ = ["Store", "StoreWriter", "open_store", "read_manifest", "STORE_FORMAT", "MANIFEST", "SPLITS"]
+__all__ = [
+    "Store", "StoreWriter", "open_store", "require_known_ages", "read_manifest", "STORE_FORMAT", "MANIFEST", "SPLITS"
+]

@@ -1,9 +1,10 @@
 """Participants tables: reading (tsv, csv, parquet), column checks and row validation.
 
 A participants table has one row per subject and at least the columns ``participant_id`` and
-``age`` (years). Optional: ``sex``, ``site``, ``siteXacq`` (the challenge's site label), ``split``
-(``train`` / ``internal_test`` / ``external_test``) and any other column, which is carried into the
-prepared store unchanged.
+``age`` (years; with ``require_age=False`` the age column may be absent or hold empty/NaN cells —
+a cohort to predict, whose true ages are unknown). Optional: ``sex``, ``site``, ``siteXacq`` (the
+challenge's site label), ``split`` (``train`` / ``internal_test`` / ``external_test``) and any other
+column, which is carried into the prepared store unchanged.
 
 :func:`normalise_table` turns a raw table into the store's columns (``participant_id``, ``age``,
 ``sex``, ``site``, ``site_raw``, ``split`` + the other source columns); :func:`row_problems` lists
@@ -38,6 +39,8 @@ SPLIT_ALIASES: dict[str, str] = {
 AGE_RANGE: tuple[float, float] = (0.0, 120.0)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("participant_id", "age")
+#: Required columns when ages may be unknown (``require_age=False``).
+REQUIRED_COLUMNS_AGE_OPTIONAL: tuple[str, ...] = ("participant_id",)
 
 #: Columns read as text whatever they hold (ids and labels must not become floats).
 _TEXT_COLUMNS = ("participant_id", "site", "siteXacq", "sex", "split", "path")
@@ -78,12 +81,12 @@ def _label(value: object) -> str:
     return str(value).strip()
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, *, require_age: bool = True) -> pd.DataFrame:
     """Read a participants table (``.tsv``, ``.csv`` or ``.parquet``) and check its columns.
 
     Id and label columns (participant_id, site, siteXacq, sex, split, path) come back as text.
     Raises DataError naming the file when it is unreadable, has an unknown suffix or lacks a
-    required column.
+    required column (:data:`REQUIRED_COLUMNS`; only ``participant_id`` when ``require_age`` is False).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -103,11 +106,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(
             f"{path}: unreadable participants table ({type(exc).__name__}: {why}); expected tsv/csv/parquet"
         ) from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    required = REQUIRED_COLUMNS if require_age else REQUIRED_COLUMNS_AGE_OPTIONAL
+    missing = [c for c in required if c not in table.columns]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {', '.join(missing)}; expected at least "
-            f"{', '.join(REQUIRED_COLUMNS)} (found: {', '.join(map(str, table.columns))})"
+            f"{', '.join(required)} (found: {', '.join(map(str, table.columns))})"
         )
     for column in _TEXT_COLUMNS:
         if column in table.columns:
@@ -131,12 +135,14 @@ def normalise_table(table: pd.DataFrame, *, default_split: str | None = "train")
     ``site`` (str: ``siteXacq`` where the source has it, else ``site``, else ``"unknown"``),
     ``site_raw`` (the source's ``site``), ``split`` (as written in the source, lower-cased; or
     ``default_split`` when the column is absent) and ``age_raw`` (the original cell, for messages),
-    followed by every other source column. Nothing is validated here (see :func:`row_problems`).
+    followed by every other source column. A table without an ``age`` column (read with
+    ``require_age=False``) gets NaN ages. Nothing is validated here (see :func:`row_problems`).
     """
     out = pd.DataFrame(index=table.index)
     out["participant_id"] = table["participant_id"].astype(object)
-    out["age_raw"] = table["age"].astype(object)
-    out["age"] = pd.to_numeric(table["age"], errors="coerce").astype("float64")
+    raw_age = table["age"] if "age" in table.columns else pd.Series(np.nan, index=table.index)
+    out["age_raw"] = raw_age.astype(object)
+    out["age"] = pd.to_numeric(raw_age, errors="coerce").astype("float64")
     out["sex"] = table["sex"].astype(object) if "sex" in table.columns else ""
     raw_site = table["site"].astype(object) if "site" in table.columns else pd.Series("", index=table.index)
     if "siteXacq" in table.columns:
@@ -156,11 +162,12 @@ def normalise_table(table: pd.DataFrame, *, default_split: str | None = "train")
     return out
 
 
-def row_problems(table: pd.DataFrame, files: pd.Series) -> dict[int, Problem]:
+def row_problems(table: pd.DataFrame, files: pd.Series, *, require_age: bool = True) -> dict[int, Problem]:
     """Validate the rows of a normalised table; return ``{row index: Problem}`` for invalid rows.
 
     ``files`` gives, per row, the source file named in messages. Checks: participant id present,
-    age present / a number / finite / within :data:`AGE_RANGE`, split value known
+    age present (unless ``require_age`` is False: an empty/NaN age is then accepted and stays NaN) /
+    a number / finite / within :data:`AGE_RANGE` (always, for ages that are given), split value known
     (:data:`SPLIT_ALIASES`; the table is updated in place to the canonical split names), participant
     id unique (every occurrence of a duplicated id is a problem).
     """
@@ -171,17 +178,18 @@ def row_problems(table: pd.DataFrame, files: pd.Series) -> dict[int, Problem]:
         pid = str(table.at[i, "participant_id"])
         file = str(files.at[i])
         age, raw = table.at[i, "age"], table.at[i, "age_raw"]
+        given = _label(raw) != ""  # an unknown age (empty/NaN) stays NaN when not require_age
         split = str(table.at[i, "split"])
         if pid == "":
             reason = f"row {i} has no participant_id; expected a non-empty id"
         elif counts.get(pid, 0) > 1:
             rows = ", ".join(str(r) for r in table.index[table["participant_id"] == pid])
             reason = f"duplicate participant_id (table rows {rows}); expected each id once"
-        elif _label(raw) == "":
+        elif not given and require_age:
             reason = f"age is missing (empty or NaN); expected a number of years in [{lo:g}, {hi:g}]"
-        elif not np.isfinite(age):
+        elif given and not np.isfinite(age):
             reason = f"age {raw!r} is not a finite number; expected years in [{lo:g}, {hi:g}]"
-        elif not lo <= age <= hi:
+        elif given and not lo <= age <= hi:
             reason = f"age {age:g} is out of range; expected years in [{lo:g}, {hi:g}]"
         elif split not in SPLIT_ALIASES:
             reason = f"unknown split {split!r}; expected one of {', '.join(SPLITS)}"

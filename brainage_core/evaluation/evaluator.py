@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainage_core.data.store import require_known_ages
 from brainage_core.errors import ConfigError, NonFiniteLossError
 from brainage_core.evaluation.features import extract_features
 from brainage_core.evaluation.probes import fit_age_probe, fit_site_probe
@@ -88,6 +89,8 @@ class Evaluator:
     ):
         if "train" not in store.splits:
             raise ConfigError(f"{store.path}: the store has no 'train' split; the probes are fit on it")
+        # Probes, validation split, metrics and the training loop (built after this) all need ages.
+        require_known_ages(store, purpose="training and evaluation")
         self.store = store
         self.evaluation = evaluation
         self.train_on = train_on
