@@ -32,6 +32,9 @@ DEFAULT_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     # A Train worker group that cannot start turns into an error after this, not an endless retry.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+    # Tune warns on every short epoch that forced experiment snapshots (num_to_keep) may be a bottleneck:
+    # with evaluation epochs of seconds on CPU that is noise, not a problem.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     # The Train controller polls its workers every 2 s by default: each DDP trial waited up to that long
     # to see its workers start and again to see them finish (bench/study_overhead.py).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",

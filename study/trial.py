@@ -107,6 +107,10 @@ def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> Non
     restored = ray.tune.get_checkpoint()
     resume_from = restored.path if restored is not None else None
     node_id = ray.get_runtime_context().get_node_id()
+    # Tune logs "Checkpoint successfully created at ..." at INFO for every report: the driver's progress
+    # lines already say it, so keep the terminal to warnings.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("brainage_core").setLevel(logging.WARNING)
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)), NODE_ID: node_id}
