@@ -12,7 +12,11 @@ on the study's validation data (brain_age ≈ slope · age + intercept):
 ``brain_age_gap_corrected`` = brain_age − (slope · age + intercept) and ``brain_age_corrected`` = age +
 corrected gap. Beside it, ``<out stem>_by_age.csv`` and ``<out stem>_by_site.csv``: n, MAE, mean gap and
 mean corrected gap per age bin (``--age-bins`` edges, years) and per site; both are printed.
-The cohort's participants table must give each subject's age (``prepare`` checks it).
+True ages are optional (the normal case for a new cohort): the participants table may lack the ``age``
+column or leave cells empty (``prepare(..., require_age=False)``; ages that are given are still checked).
+Every subject gets ``brain_age``; ``age`` and the gap / corrected columns are NaN where the age is
+unknown (the correction needs the true age). The summaries cover the subjects with a known age only;
+when none has one they are not written and a note is printed instead.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ def predict_cohort(
 ) -> dict[str, Path]:
     """Write the predictions CSV and the per-age-bin / per-site summaries; return their paths.
 
+    Returns ``{"predictions": csv}`` plus ``"by_age"`` and ``"by_site"`` when at least one subject has
+    a known age (otherwise no summary is written and stale ones at those paths are removed).
     ``store``: where to keep the prepared cohort (default: a temporary folder, deleted afterwards).
     Errors: ``DataError``/``ConfigError`` from the submission or ``prepare``.
     """
@@ -117,7 +123,7 @@ def predict_cohort(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="brainage-predict-") as scratch:
         prepared = prepare(cohort, layout=layout, out=store or Path(scratch) / "store", grid=grid,
-                           resample=resample, on_error=on_error, progress=False)
+                           resample=resample, on_error=on_error, progress=False, require_age=False)
         parts = []
         for split in prepared.splits:
             table = prepared.table(split)
@@ -134,18 +140,17 @@ def predict_cohort(
     predictions["brain_age_corrected"] = corrected
     out.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out, index=False)
+    summaries = {"by_age": out.with_name(f"{out.stem}_by_age.csv"), "by_site": out.with_name(f"{out.stem}_by_site.csv")}
+    if predictions["age"].notna().sum() == 0:
+        for path in summaries.values():  # a summary left by an earlier run would describe another cohort
+            path.unlink(missing_ok=True)
+        return {"predictions": out}
     predictions["age_bin"] = pd.cut(predictions["age"], bins=list(age_bins), right=False)
     by_age = summarise(predictions, "age_bin")
     by_age["age_bin"] = by_age["age_bin"].astype(str)
-    by_site = summarise(predictions, "site")
-    paths = {
-        "predictions": out,
-        "by_age": out.with_name(f"{out.stem}_by_age.csv"),
-        "by_site": out.with_name(f"{out.stem}_by_site.csv"),
-    }
-    by_age.to_csv(paths["by_age"], index=False)
-    by_site.to_csv(paths["by_site"], index=False)
-    return paths
+    by_age.to_csv(summaries["by_age"], index=False)
+    summarise(predictions, "site").to_csv(summaries["by_site"], index=False)
+    return {"predictions": out, **summaries}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrainageError as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
+    if "by_age" not in paths:
+        print("no subject has a known age: MAE per age bin and per site skipped (brain ages only)\n")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         for name in ("by_age", "by_site"):
-            print(f"MAE {name.replace('_', ' ')}:\n{pd.read_csv(paths[name]).to_string(index=False)}\n")
+            if name in paths:
+                print(f"MAE {name.replace('_', ' ')}:\n{pd.read_csv(paths[name]).to_string(index=False)}\n")
     print(f"predictions written: {paths['predictions'].resolve()}")
     return 0
 

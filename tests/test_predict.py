@@ -141,3 +141,63 @@ def test_predict_feeds_the_trained_input_transform(world, tmp_path):
     assert len(merged) == len(pred)
     assert np.abs(merged["expected"] - merged["raw"]).max() > 1e-2  # raw inputs would give other ages
     np.testing.assert_allclose(merged["brain_age"], merged["expected"], atol=1e-4)
+
+
+def _cohort_copy(world, tmp_path, edit) -> Path:
+    """The nifti cohort with its participants table changed by ``edit(table) -> table``."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(world["nifti"], cohort)
+    table = pd.read_csv(cohort / "participants.tsv", sep="\t", dtype={"participant_id": str})
+    edit(table).to_csv(cohort / "participants.tsv", sep="\t", index=False)
+    return cohort
+
+
+def test_cohort_with_some_ages_missing(world, tmp_path):
+    table = pd.read_csv(world["nifti"] / "participants.tsv", sep="\t", dtype={"participant_id": str})
+    unknown = set(table["participant_id"].iloc[[1, 4, 7]])
+    cohort = _cohort_copy(world, tmp_path, lambda t: t.assign(age=t["age"].where(~t["participant_id"].isin(unknown))))
+    paths = predict_cohort(world["submission"], cohort, layout="nifti", out=tmp_path / "p.csv",
+                           age_bins=(0.0, 40.0, 120.0))
+    pred = pd.read_csv(paths["predictions"], dtype={"participant_id": str, "site": str})
+    assert sorted(pred["participant_id"]) == sorted(table["participant_id"])
+    assert np.isfinite(pred["brain_age"]).all()
+    ref = expected_brain_age(world["submission"], world["nifti"], "nifti", tmp_path / "ref_store")
+    merged = pred.merge(ref, on="participant_id", suffixes=("", "_ref"))
+    np.testing.assert_allclose(merged["brain_age"], merged["expected"], atol=1e-4)
+    missing = pred["participant_id"].isin(unknown)
+    for column in ("age", "brain_age_gap", "brain_age_gap_corrected", "brain_age_corrected"):
+        assert pred.loc[missing, column].isna().all() and pred.loc[~missing, column].notna().all(), column
+    known = pred[~missing]
+    by_site = pd.read_csv(paths["by_site"], dtype={"site": str})
+    assert by_site["n"].sum() == len(known) == len(table) - len(unknown)
+    for _, row in by_site.iterrows():
+        g = known[known["site"] == row["site"]]
+        assert row["n"] == len(g) and row["mae"] == pytest.approx(np.mean(np.abs(g["brain_age"] - g["age"])))
+    by_age = pd.read_csv(paths["by_age"])
+    assert by_age["n"].sum() == len(known)
+    for _, row in by_age.iterrows():
+        g = known[pd.cut(known["age"], bins=[0.0, 40.0, 120.0], right=False).astype(str) == row["age_bin"]]
+        assert row["n"] == len(g) and row["mean_gap"] == pytest.approx(g["brain_age_gap"].mean())
+
+
+def test_cohort_without_an_age_column_cli(world, tmp_path):
+    cohort = _cohort_copy(world, tmp_path, lambda t: t.drop(columns="age"))
+    out = tmp_path / "pred.csv"
+    for stale in ("pred_by_age.csv", "pred_by_site.csv"):  # left by an earlier run: must not survive
+        (tmp_path / stale).write_text("n,mae\n1,1\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "study" / "predict.py"), str(world["submission"]), str(cohort),
+         "--layout", "nifti", "--out", str(out)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no subject has a known age" in proc.stdout and "MAE by age" not in proc.stdout
+    pred = pd.read_csv(out, dtype={"participant_id": str})
+    cohort_ids = pd.read_csv(cohort / "participants.tsv", sep="\t", dtype={"participant_id": str})["participant_id"]
+    assert sorted(pred["participant_id"]) == sorted(cohort_ids)
+    assert np.isfinite(pred["brain_age"]).all()
+    assert pred[["age", "brain_age_gap", "brain_age_gap_corrected"]].isna().all().all()
+    ref = expected_brain_age(world["submission"], world["nifti"], "nifti", tmp_path / "ref_store")
+    merged = pred.merge(ref, on="participant_id")
+    np.testing.assert_allclose(merged["brain_age"], merged["expected"], atol=1e-4)
+    assert not (tmp_path / "pred_by_age.csv").exists() and not (tmp_path / "pred_by_site.csv").exists()
