@@ -39,6 +39,7 @@ import yaml
 from brainage_core.errors import ConfigError
 
 __all__ = [
+    "plain_copy",
     "BACKBONES",
     "HEADS",
     "LOSS_METHODS",
@@ -680,7 +681,7 @@ def apply_overrides(d: Mapping[str, Any] | None, overrides: Iterable[str], *, so
     Keys are checked against the schema (unknown key -> ConfigError with the closest valid key); the
     value is parsed as a YAML scalar and checked against the field's type and range.
     """
-    out: dict[str, Any] = _deep_copy(d or {})
+    out: dict[str, Any] = plain_copy(d or {})
     for override in overrides:
         key, value = parse_override(override, source=source)
         # Validate the value now so that the error names the override, not a later config line.
@@ -699,11 +700,12 @@ def apply_overrides(d: Mapping[str, Any] | None, overrides: Iterable[str], *, so
     return out
 
 
-def _deep_copy(d: Any) -> Any:
+def plain_copy(d: Any) -> Any:
+    """Deep copy of a YAML-like tree, every mapping turned into a plain ``dict`` (lists copied too)."""
     if isinstance(d, Mapping):
-        return {k: _deep_copy(v) for k, v in d.items()}
+        return {k: plain_copy(v) for k, v in d.items()}
     if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
+        return [plain_copy(v) for v in d]
     return d
 
 

@@ -251,7 +251,7 @@ class SearchSpace:
 
     def trial_dict(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The experiment dict of one trial: ``base`` with the applying sampled values set."""
-        d = _deep_copy(self.base)
+        d = cfgmod.plain_copy(self.base)
         for key, value in self.active_values(sampled).items():
             _set(d, key, value)
         return d
@@ -287,7 +287,7 @@ def parse_search_space(
     expand_env: bool = True,
 ) -> SearchSpace:
     """Validate a search-space dict (see the module docstring); ConfigError naming ``source`` and the key."""
-    raw = _deep_copy(dict(raw))
+    raw = cfgmod.plain_copy(dict(raw))
     search_raw = raw.pop("search", None)
     study_raw = raw.pop("study", None)
     base_overrides, study_overrides = [], []
@@ -681,13 +681,6 @@ def _suggest(trial: Any, name: str, d: Dist) -> Any:
         return trial.suggest_int(name, int(d.low), int(d.high))
     return trial.suggest_categorical(name, list(d.values))
 
-
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, Mapping):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
