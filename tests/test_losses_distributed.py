@@ -74,6 +74,9 @@ def ddp_worker(rank: int, init_file: str, out_file: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(encoder)
             results[name] = run_case(encoder, ddp, inputs[local], ages[local], views, options)
         torch.save(results, f"{out_file}.{rank}")
+        # both ranks leave their last collective before either tears gloo down (otherwise a rank can
+        # abort with "terminate called without an active exception" while its peer still talks to it)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -294,6 +294,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out: str, resu
         metrics = train(cfg, out, rank=rank, world_size=world_size,
                         callback=lambda m, d: seen.append([m["epoch"], None if d is None else str(d)]))
         Path(results, f"{rank}.json").write_text(json.dumps({"metrics": metrics, "seen": seen}))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 
