@@ -23,7 +23,6 @@ single-process gradients.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -31,20 +30,9 @@ from torch import nn
 
 from brainage_core.errors import LossError
 from brainage_core.losses import distributed
-from brainage_core.losses.kernels import AgeKernel
+from brainage_core.losses.kernels import AgeKernel, check_positive
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def check_positive(name: str, value: float) -> float:
-    """Return ``value`` as a float, or raise :class:`LossError` unless it is finite and > 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise LossError(f"parameter {name!r} must be a number > 0, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise LossError(f"parameter {name!r} must be finite and > 0, got {value!r}")
-    return number
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -25,15 +25,21 @@ from brainage_core.errors import LossError
 KERNELS: tuple[str, ...] = ("gaussian", "rbf", "cauchy")
 
 
+def check_positive(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise :class:`LossError` naming parameter ``name`` unless it is
+    finite and > 0 (σ, τ, τ₀ of every loss)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LossError(f"parameter {name!r} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise LossError(f"parameter {name!r} must be finite and > 0, got {value!r}")
+    return number
+
+
 def check_sigma(sigma: float) -> float:
     """Return ``sigma`` as a float, or raise :class:`LossError` unless it is finite and > 0."""
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise LossError(f"parameter 'sigma' must be a number > 0, got {sigma!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise LossError(f"parameter 'sigma' must be finite and > 0, got {sigma!r}")
-    return value
+    return check_positive("sigma", sigma)
 
 
 class AgeKernel:
