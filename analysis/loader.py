@@ -4,7 +4,8 @@ A study folder (``docs/interfaces.md``) holds ``results.parquet`` (one row per t
 the resolved ``config.yaml`` and ``optuna.db``. :func:`load_studies` concatenates the results of
 several folders and adds, per row:
 
-- ``study`` (the folder name) and ``study_dir`` (its absolute path);
+- ``study`` (the folder name) and ``study_dir`` (its absolute path, or its URI for a study on an object
+  store: such folders are read through their local mirror, ``study.storage``);
 - ``method``, ``backbone``, ``grid``, ``modality``: the searched value (``param.loss.method`` …) when the
   key was searched, else the study's resolved configuration;
 - ``cohort``: ``"synthetic cohort"`` when the configuration generates one, else ``"<layout> cohort"``;
@@ -57,6 +58,8 @@ class Study:
     path: Path
     config: dict
     results: pd.DataFrame
+    #: where the study lives: ``str(path)``, or its URI (``s3://...``) when ``path`` is the local mirror
+    location: str = ""
 
     @property
     def name(self) -> str:
@@ -80,12 +83,16 @@ def flatten_config(config: dict, prefix: str = "") -> dict[str, object]:
 
 
 def load_study(path: str | Path) -> Study:
-    """Read one study folder.
+    """Read one study folder: a local path, or a URI (``s3://bucket/studies/NAME``, ``gs://...``) whose
+    small files are downloaded into its local mirror first (``study.storage.StudyFolder.materialize``).
 
     Raises ``DataError`` when the folder, its ``results.parquet`` or ``config.yaml`` is missing or
     unreadable, or when the results lack a ``trial_id`` or ``epoch`` column.
     """
-    path = Path(path).expanduser().resolve()
+    from study.storage import StudyFolder, is_uri
+
+    location = str(path) if is_uri(path) else None
+    path = StudyFolder(path).materialize() if location else Path(path).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"study folder {path} does not exist; expected a folder written by study/run.py")
     results_path = path / RESULTS_FILE
@@ -110,7 +117,7 @@ def load_study(path: str | Path) -> Study:
         if loaded is not None and not isinstance(loaded, dict):
             raise DataError(f"{config_path} holds a {type(loaded).__name__}; expected a mapping")
         config = loaded or {}
-    return Study(path=path, config=config, results=results)
+    return Study(path=path, config=config, results=results, location=location or str(path))
 
 
 def param_columns(df: pd.DataFrame) -> list[str]:
@@ -136,7 +143,7 @@ def _format_param(value: object) -> str:
 def _tidy(study: Study) -> pd.DataFrame:
     df = study.results.copy()
     df.insert(0, "study", study.name)
-    df.insert(1, "study_dir", str(study.path))
+    df.insert(1, "study_dir", study.location or str(study.path))
     flat = flatten_config(study.config)
     for column, key in CONFIG_COLUMNS.items():
         param = PARAM_PREFIX + key

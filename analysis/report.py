@@ -58,10 +58,15 @@ def build_report(
 ) -> Path:
     """Execute the report notebook on ``study_dirs`` and write the HTML to ``out``; returns its path.
 
-    Raises ``DataError``/``ConfigError`` before starting a kernel when a folder is unreadable, the metric
+    ``study_dirs`` may hold URIs (``s3://bucket/studies/NAME``). Raises ``DataError``/``ConfigError`` before
+    starting a kernel when a folder is unreadable, the metric
     unknown, or no study has a finished trial; ``CellExecutionError`` if a notebook cell fails.
     """
-    dirs = [str(Path(d).expanduser().resolve()) for d in study_dirs]
+    from study.storage import StudyFolder, is_uri
+
+    # a study on an object store is read through its local mirror (small files downloaded)
+    dirs = [str(StudyFolder(d).materialize()) if is_uri(d) else str(Path(d).expanduser().resolve())
+            for d in study_dirs]
     results = load_studies(dirs)
     check_metric(results, metric)
     if best_rows(results, metric).empty:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from brainage_core.errors import ConfigError
+from study.storage import URI_SCHEMES, is_uri, join_location
 
 __all__ = [
     "AUTH_MODE_ENV",
@@ -63,7 +64,6 @@ __all__ = [
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 CODE_MODES = ("ship", "installed")
-URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 NO_AUTH_FLAG = "--i-understand-no-auth"
 EXPOSURE_WARNING = (
     "warning: the Ray dashboard will listen on {host}, not on loopback: the dashboard and its jobs API run "
@@ -145,10 +145,6 @@ def dashboard_url(address: str | None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def is_uri(path: str | os.PathLike[str]) -> bool:
-    return str(path).startswith(URI_SCHEMES)
-
-
 def _fs(path: str) -> tuple[Any, str]:
     import pyarrow.fs
 
@@ -156,7 +152,7 @@ def _fs(path: str) -> tuple[Any, str]:
 
 
 def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}" if is_uri(folder) else str(Path(folder) / name)
+    return join_location(folder, name)
 
 
 def _read_text(path: str) -> str:
@@ -324,12 +320,13 @@ def copy_sqlite(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
 # --------------------------------------------------------------------------------------------------
 
 
-def submit_study(*, address: str | None, space_path: Path, stage_dir: Path, run_args: Sequence[str], code: str,
+def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str, run_args: Sequence[str], code: str,
                  env: dict[str, str], python: str = "python", poll_s: float = 2.0,
                  submission_id: str | None = None, out: Any = None) -> int:
     """Submit the study as a Ray Job and follow it; returns 0 when it SUCCEEDED, 1 otherwise.
 
-    The space YAML is copied to ``stage_dir`` (a folder on the shared storage, e.g. ``<storage>/.jobs``)
+    The space YAML is copied to ``stage_dir`` (a folder on the shared storage, e.g. ``<storage>/.jobs``, or
+    a URI for a study on an object store: ``study.run`` downloads a URI space)
     and the job runs ``python -m study.run <that copy> <run_args>``; ``run_args`` are the ``study.run``
     arguments after the space (overrides, ``--name``, an absolute ``--storage``...). ``env`` goes to every
     process of the job (``env_vars``). No ``working_dir`` is used: Ray removed the unpacked working
@@ -345,10 +342,15 @@ def submit_study(*, address: str | None, space_path: Path, stage_dir: Path, run_
         raise ConfigError(f"--submit: cannot reach the Ray jobs API at {url} ({str(exc).splitlines()[0]}): expected "
                           f"the head node's dashboard address (--address http://HEAD:8265 or RAY_ADDRESS) and, with "
                           f"token auth, ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
-    stage_dir = Path(stage_dir).resolve()
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    staged = stage_dir / f"{Path(space_path).stem}-{uuid.uuid4().hex[:8]}.yaml"
-    staged.write_text(Path(space_path).read_text())
+    staged_name = f"{Path(space_path).stem}-{uuid.uuid4().hex[:8]}.yaml"
+    if is_uri(stage_dir):  # a study on an object store: the job's driver downloads the YAML from there
+        staged = _join(str(stage_dir), staged_name)
+        _write_text(staged, Path(space_path).read_text())
+    else:
+        stage_dir = Path(stage_dir).resolve()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        staged = str(stage_dir / staged_name)
+        Path(staged).write_text(Path(space_path).read_text())
     runtime_env: dict[str, Any] = dict(code_runtime_env(code))
     if env:
         runtime_env["env_vars"] = dict(env)

@@ -3,6 +3,9 @@
 Exports a study's best checkpoint(s) as RAMP challenge submissions (``brainage_core.export.ramp``):
 ``estimator.py`` (self-contained, sanitizer-clean), ``weights.pth`` and ``metadata.pkl``.
 
+``STUDY_DIR`` may be a URI (``s3://bucket/studies/NAME``): its results are read through the study's local
+mirror (``study.storage.StudyFolder.materialize``) and the chosen checkpoint is downloaded into the cache.
+
 Ranking: trials are ranked by their best evaluation on a *validation* metric (lower is better; test
 metrics are refused) among the evaluations whose checkpoint is still stored (Ray keeps
 ``checkpoints_to_keep`` per trial, by the study objective). ``--top-k K`` writes ranks 1..K as
@@ -32,23 +35,48 @@ import numpy as np
 import pandas as pd
 
 from brainage_core.errors import BrainageError, ConfigError, DataError
+from study.storage import StudyFolder, fetch_tree, is_uri, join_location, location_exists
 
 RESULTS_FILE = "results.parquet"
 #: Trial statuses whose evaluations may be exported (study/results.py writes running/completed/pruned/error).
 EXPORTABLE_STATUSES = ("completed", "pruned", "terminated", "final")
 
 
-def _checkpoint_dir(study_dir: Path, value: Any) -> Path | None:
+def _checkpoint_dir(study: StudyFolder, value: Any) -> str | None:
+    """The checkpoint folder of a results row as a local path or a URI. Relative paths are relative to
+    the study folder; on a remote study, a bucket path without scheme (Ray's ``Checkpoint.path``) gets the
+    study's scheme."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value):
         return None
     text = str(value)
+    if is_uri(text):
+        return text
     text = text[len("file://"):] if text.startswith("file://") else text
+    if study.is_remote:
+        bucket = study.path.split("/", 1)[0]
+        return study.uri_of(text) if text.lstrip("/").startswith(f"{bucket}/") else study.child(text)
     path = Path(text).expanduser()
-    return path if path.is_absolute() else study_dir / path
+    return str(path if path.is_absolute() else study.local / path)
+
+
+def _local_checkpoint(location: str) -> Path:
+    """A local folder holding the checkpoint at ``location``: itself, or a download of a URI into the cache
+    (``$BRAINAGE_CACHE/checkpoints/<sha1 of the URI>``)."""
+    if not is_uri(location):
+        return Path(location)
+    import hashlib
+
+    from brainage_core.data.sources import cache_dir_of
+
+    digest = hashlib.sha1(location.encode()).hexdigest()[:16]
+    return fetch_tree(location, cache_dir_of() / "checkpoints" / digest)
 
 
 def read_results(study_dir: str | Path) -> pd.DataFrame:
-    """``STUDY_DIR/results.parquet``; ``DataError`` naming the file when the folder or table is missing."""
+    """``STUDY_DIR/results.parquet`` (a URI: read from the study's local mirror, downloaded first);
+    ``DataError`` naming the file when the folder or table is missing."""
+    if is_uri(study_dir):
+        study_dir = StudyFolder(study_dir).materialize()
     study_dir = Path(study_dir)
     path = study_dir / RESULTS_FILE
     if not study_dir.is_dir():
@@ -63,13 +91,15 @@ def read_results(study_dir: str | Path) -> pd.DataFrame:
 
 def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFrame:
     """Exportable evaluations ranked best first: per finished trial, the stored checkpoint with the lowest
-    ``metric``. Adds ``rank`` (1-based) and ``checkpoint`` (absolute folder).
+    ``metric``. Adds ``rank`` (1-based) and ``checkpoint`` (absolute folder, or a URI for a study on an
+    object store; ``study_dir`` may be a URI).
 
     Errors: ``ConfigError`` for a ``test_*`` or unknown metric; ``DataError`` when no trial has finished or
     when no finished evaluation has a stored checkpoint (names the first missing path).
     """
-    study_dir = Path(study_dir).resolve()
-    df = read_results(study_dir)
+    study = StudyFolder(study_dir)
+    study_dir = study.location
+    df = read_results(study.materialize())
     metrics = [c for c in df.columns if c.startswith("val_") and pd.api.types.is_numeric_dtype(df[c])]
     if metric.startswith("test_"):
         raise ConfigError(
@@ -83,12 +113,12 @@ def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFr
     if done.empty:
         found = ", ".join(sorted(status.unique())) or "no rows"
         raise DataError(
-            f"{study_dir / RESULTS_FILE}: no finished trial with a {metric} value (statuses found: {found}); "
+            f"{study.child(RESULTS_FILE)}: no finished trial with a {metric} value (statuses found: {found}); "
             f"expected at least one trial with status {' or '.join(EXPORTABLE_STATUSES[:2])}"
         )
-    paths = [_checkpoint_dir(study_dir, v) for v in done.get("checkpoint_path", pd.Series(None, index=done.index))]
-    done["checkpoint"] = [str(p) if p is not None else None for p in paths]
-    stored = done[[p is not None and (p / "checkpoint.pt").is_file() for p in paths]]
+    paths = [_checkpoint_dir(study, v) for v in done.get("checkpoint_path", pd.Series(None, index=done.index))]
+    done["checkpoint"] = paths
+    stored = done[[p is not None and location_exists(join_location(p, "checkpoint.pt")) for p in paths]]
     if stored.empty:
         missing = next((p for p in paths if p is not None), None)
         what = "no checkpoint_path" if missing is None else f"{missing} has no checkpoint.pt"
@@ -180,6 +210,7 @@ def export_submission(
     """Export the trial at ``rank`` (by ``metric``) of ``study_dir`` into the submission folder ``out``.
 
     ``store``: the prepared store the study trained on (default: the checkpoint config's ``data.store``).
+    ``study_dir`` may be a URI: the checkpoint is downloaded into the cache.
     Errors: see :func:`rank_checkpoints`; ``ConfigError`` for a rank beyond the ranked trials or a non-VBM
     model; checkpoint errors from ``brainage_core.training``.
     """
@@ -189,12 +220,12 @@ def export_submission(
     from brainage_core.export.ramp import centered_view
     from brainage_core.training import load_model_from_checkpoint
 
-    study_dir = Path(study_dir).resolve()
-    ranked = rank_checkpoints(study_dir, metric) if ranked is None else ranked
+    study = StudyFolder(study_dir)
+    ranked = rank_checkpoints(study.location, metric) if ranked is None else ranked
     if not isinstance(rank, int) or rank < 1 or rank > len(ranked):
         raise ConfigError(f"--rank {rank}: the study has {len(ranked)} exportable trial(s); expected 1..{len(ranked)}")
     row = ranked.iloc[rank - 1]
-    model, config = load_model_from_checkpoint(row["checkpoint"])
+    model, config = load_model_from_checkpoint(_local_checkpoint(row["checkpoint"]))
     data_store = _open_study_store(config, store)
     if data_store.manifest.get("modality", "vbm") != "vbm":
         modality = data_store.manifest.get("modality")
@@ -214,8 +245,8 @@ def export_submission(
     )
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop(labels=["checkpoint"]).items()}
     metadata = {
-        "study": study_dir.name,
-        "study_dir": str(study_dir),
+        "study": study.name,
+        "study_dir": study.location,
         "trial_id": str(row["trial_id"]),
         "epoch": int(row["epoch"]),
         "rank": int(rank),
@@ -232,7 +263,7 @@ def export_submission(
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "scikit-learn": __import__("sklearn").__version__},
     }
-    summary = f"study {study_dir.name}, trial {row['trial_id']} epoch {int(row['epoch'])}, rank {rank} by {metric}"
+    summary = f"study {study.name}, trial {row['trial_id']} epoch {int(row['epoch'])}, rank {rank} by {metric}"
     return write_submission(model.cpu(), spec, out, metadata=metadata, summary=summary)
 
 

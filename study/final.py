@@ -19,6 +19,10 @@ Output, in the study folder:
   ``<metric>_std`` and the 95 % t-interval ``<metric>_ci95_low`` / ``<metric>_ci95_high``
   (mean ± t(0.975, n-1) · std / sqrt(n); NaN with a single seed);
 - ``final/<run>/``: Ray Tune's experiment folder of the run.
+
+``STUDY_DIR`` may be a URI (``s3://bucket/studies/NAME``): the study's small files are read through its
+local mirror (:class:`study.storage.StudyFolder`), the Tune runs and trials write to the URI, and
+results.parquet, final.parquet and final_summary.csv are uploaded once written.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import yaml
 
 from brainage_core.errors import BrainageError, ConfigError, DataError
 from study.space import VALIDATION_METRICS, SearchSpace, load_search_space
+from study.storage import StudyFolder
 
 __all__ = ["main", "run_final", "select_top", "final_trials", "summarise", "t_interval", "TEST_METRICS"]
 
@@ -152,9 +157,12 @@ def _final_space(space: SearchSpace) -> SearchSpace:
 def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | None = None,
               address: str | None = None) -> pd.DataFrame:
     """Run the final evaluation (see the module docstring); returns the summary rows."""
-    study_dir = Path(study_dir).resolve()
     if top_k < 1 or seeds < 1:
         raise ConfigError(f"--top-k {top_k} --seeds {seeds}: expected integers >= 1")
+    folder = StudyFolder(study_dir)
+    if folder.is_remote:
+        folder.check_writable()
+    study_dir = folder.materialize()  # the local folder, or a remote one's mirror
     space = load_study_space(study_dir)
     st = space.study
     metric = metric or st.objective
@@ -172,7 +180,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
     from study.trial import TrialSpec, trial_config_dict
 
     store = resolve_store(space.config.data, progress=True)
-    spec = TrialSpec(space=_final_space(space), study_dir=str(study_dir), store_path=str(store.path))
+    spec = TrialSpec(space=_final_space(space), study_dir=folder.location, store_path=str(store.path))
     for item in items:  # every configuration is valid before anything starts
         where = f"{study_dir} (final, trial {item['_final']['source_trial_id']})"
         config_from_dict(trial_config_dict(spec, item), where)
@@ -187,7 +195,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
     from study.run import _forwarded_env
 
     res = st.resources
-    info = start_ray(res, st.max_concurrent_trials, env=_forwarded_env(), address=address)
+    info = start_ray(res, st.max_concurrent_trials, env=_forwarded_env(folder.is_remote), address=address)
     trainable = tune.with_parameters(run_final_trial, spec=spec)
     trainable = tune.with_resources(trainable, {"cpu": 1} if res.num_workers > 1 else
                                     {"cpu": res.cpus_per_worker, "gpu": 1 if res.use_gpu else 0})
@@ -197,7 +205,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
             trainable,
             param_space={"final": tune.grid_search(items)},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=st.max_concurrent_trials),
-            run_config=tune.RunConfig(name=run_name, storage_path=str(study_dir / "final"), verbose=0,
+            run_config=tune.RunConfig(name=run_name, storage_path=folder.child("final"), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=min(1, st.max_failures)),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
@@ -232,9 +240,12 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
     summary = summarise(seed_df, space.keys)
     pd.concat([seed_df, summary], ignore_index=True).to_parquet(study_dir / "final.parquet", index=False)
     summary.to_csv(study_dir / "final_summary.csv", index=False)
+    if folder.is_remote:
+        for rel in ("results.parquet", "final.parquet", "final_summary.csv"):
+            folder.upload(rel)
     _print_summary(summary)
-    print(f"[final] rows in {study_dir / 'results.parquet'} (status final); summary in "
-          f"{study_dir / 'final.parquet'} and final_summary.csv", flush=True)
+    print(f"[final] rows in {folder.child('results.parquet')} (status final); summary in "
+          f"{folder.child('final.parquet')} and final_summary.csv", flush=True)
     return summary
 
 

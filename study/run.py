@@ -25,6 +25,16 @@ e.g. PostgreSQL, shared by several drivers). ``--submit`` runs the same command 
 Jobs view) and follows its logs. ``--dashboard-host`` other than loopback prints a warning; with
 ``RAY_AUTH_MODE=disabled`` it is refused unless ``--i-understand-no-auth``.
 
+Object stores (``--storage s3://bucket/prefix`` or ``gs://...``, :mod:`study.storage`): checked at start
+(a marker is written, read back and deleted: one ConfigError naming the URI otherwise, before anything
+is written). The driver writes config.yaml, space.yaml, results.parquet and pareto.* into a local mirror
+(``$BRAINAGE_CACHE/studies/<hash>/<name>``) and uploads each after every write; optuna.db is a sqlite in
+that mirror whose snapshot is uploaded at each result; Tune's experiment (``tune/``) and the DDP trials'
+Train runs (``train_runs/``) are written by Ray straight to the URI; trials train in a node-local folder
+and upload metrics.jsonl / train_log.jsonl to ``trials/<id>/``. ``--resume`` downloads config.yaml,
+results.parquet and optuna.db first and restores Tune from the URI. Credentials and endpoints come from
+the usual environment (AWS_*, GOOGLE_*, GCS_*), forwarded to every trial.
+
 Multi-objective studies (``study.objectives``) write their Pareto set to ``pareto.csv`` and
 ``pareto.parquet`` (see :func:`study.results.pareto_front`).
 
@@ -48,6 +58,7 @@ import yaml
 
 from brainage_core.errors import BrainageError, ConfigError
 from study.space import SearchSpace, load_search_space
+from study.storage import StudyFolder, is_uri, join_location
 
 __all__ = ["main", "run_study", "StudyCallback", "FAULT_KILL_DRIVER_AFTER_RESULTS"]
 
@@ -58,6 +69,8 @@ FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
 REUSE_ACTORS = True
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
 FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
+#: forwarded too when the study folder is on an object store: credentials, endpoints, regions
+CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -65,7 +78,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("space", help="search-space YAML (see search_spaces/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides a.b=c (study.* keys set the study block)")
     p.add_argument("--name", help="study name (default: the YAML's file stem)")
-    p.add_argument("--storage", default="studies", help="folder holding the studies (default: ./studies)")
+    p.add_argument("--storage", default="studies", help="folder holding the studies, or s3://bucket/prefix / "
+                                                         "gs://bucket/prefix (default: ./studies)")
     p.add_argument("--resume", action="store_true", help="continue the killed or interrupted study of that name")
     p.add_argument("--address", help="join an existing Ray cluster (default: $RAY_ADDRESS; with --submit: the "
                                      "dashboard's http://HEAD:8265)")
@@ -89,23 +103,34 @@ def resolved_config(space: SearchSpace, overrides: Sequence[str]) -> dict[str, A
     return {**space.config.to_dict(), "search": search, "study": space.study.to_dict(), "overrides": list(overrides)}
 
 
-def _prepare_folder(study_dir: Path, space_path: Path, config: dict[str, Any], resume: bool) -> None:
+def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], resume: bool) -> None:
+    """Check the folder against ``--resume`` and write space.yaml / config.yaml (a remote folder: into its
+    mirror, then uploaded; ``--resume`` first downloads config.yaml, results.parquet and optuna.db)."""
+    study_dir = folder.local
     config_path = study_dir / "config.yaml"
+    where = folder.child("config.yaml")
     if resume:
-        if not config_path.exists():
-            raise ConfigError(f"--resume: no study in {study_dir} (no config.yaml): run without --resume first")
+        if not folder.exists("config.yaml"):
+            raise ConfigError(f"--resume: no study in {folder.location} (no config.yaml): run without --resume first")
+        if folder.is_remote:
+            folder.clear_mirror()
+            for rel in ("config.yaml", "space.yaml", "results.parquet", "optuna.db"):
+                folder.download(rel)
         before = yaml.safe_load(config_path.read_text())
         if before != config:
             changed = sorted(_diff(before, config))
-            raise ConfigError(f"--resume: {space_path} and overrides differ from {config_path} at "
+            raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
                               f"{', '.join(changed[:5])}: expected the command that started the study")
         return
-    if (study_dir / "tune").exists() or config_path.exists():
-        raise ConfigError(f"study folder {study_dir} already holds a study: add --resume to continue it, or choose "
-                          f"another --name / --storage")
+    if folder.exists("tune") or folder.exists("config.yaml"):
+        raise ConfigError(f"study folder {folder.location} already holds a study: add --resume to continue it, or "
+                          f"choose another --name / --storage")
+    folder.clear_mirror()  # a stale mirror of an earlier study of that URI
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "space.yaml").write_text(space_path.read_text())
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    folder.upload("space.yaml")
+    folder.upload("config.yaml")
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -131,11 +156,13 @@ def _make_callback_class():
 
         Holds only picklable settings (Tune pickles callbacks into its experiment); the table and the
         static columns are (re)built in ``setup``, so a restored study continues the existing file.
+        ``study_dir`` may be a URI: the files are written in its local mirror and uploaded after each write.
         """
 
         def __init__(self, study_dir: str, space: SearchSpace, store_path: str,
                      optuna_copy: tuple[str, str] | None = None):
-            self.study_dir = study_dir
+            self.folder = StudyFolder(study_dir)
+            self.study_dir = str(self.folder.local)
             self.space = space
             self.store_path = store_path
             self.optuna_copy = optuna_copy  # (driver-local sqlite, copy in the study folder) on clusters
@@ -154,6 +181,11 @@ def _make_callback_class():
             self.written = 0
             self.started = time.time()
 
+        def sync_results(self) -> None:
+            """Upload results.parquet after a write (a no-op for a local study)."""
+            if self.folder.is_remote and (Path(self.study_dir) / "results.parquet").exists():
+                self.folder.upload("results.parquet")
+
         def _params(self, trial: Any) -> dict[str, Any]:
             return self.space.overrides(trial.config)
 
@@ -165,9 +197,13 @@ def _make_callback_class():
             metrics = {k: v for k, v in result.items()
                        if k not in AUTO_RESULT_KEYS and k not in ("config", "done", "should_checkpoint")
                        and not isinstance(v, dict | list)}
+            path = metrics.get("checkpoint_path")
+            if isinstance(path, str) and path:  # a DDP trial's Train checkpoint: Ray's path has no scheme
+                metrics["checkpoint_path"] = self.folder.uri_of(path)
             seed = int(self.space.trial_dict(trial.config).get("training", {}).get("seed", 0) or 0)
             self.table.add(trial.trial_id, self._params(trial), metrics, seed=seed)
             self.written += 1
+            self.sync_results()
             self.sync_optuna()
             st = self.space.study
             best = self._best()
@@ -180,12 +216,16 @@ def _make_callback_class():
                 os.kill(os.getpid(), signal.SIGKILL)
 
         def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-            self.table.set_checkpoint(trial.trial_id, checkpoint.path)
+            from study.trial import checkpoint_location
+
+            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
+            self.sync_results()
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             from study.searcher import EARLY_STOPPED
 
             self.table.set_status(trial.trial_id, "pruned" if trial.trial_id in EARLY_STOPPED else "completed")
+            self.sync_results()
             self.print_table(trials)
             self.sync_optuna()
             if self.space.study.multi_objective:
@@ -193,6 +233,9 @@ def _make_callback_class():
 
                 st = self.space.study
                 write_pareto(self.study_dir, self.table.frame(), st.objectives, st.modes)
+                if self.folder.is_remote:
+                    for name in ("pareto.csv", "pareto.parquet"):
+                        self.folder.upload(name)
 
         def sync_optuna(self) -> None:
             if self.optuna_copy:
@@ -202,6 +245,7 @@ def _make_callback_class():
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.table.set_status(trial.trial_id, "error")
+            self.sync_results()
             self.print_table(trials)
 
         def _best(self) -> tuple[str | None, float | None]:
@@ -258,9 +302,26 @@ def StudyCallback(study_dir: str, space: SearchSpace, store_path: str,  # noqa: 
     return _make_callback_class()(study_dir, space, store_path, optuna_copy)
 
 
-def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if k.startswith(FORWARDED_ENV_PREFIXES) and k != FAULT_KILL_DRIVER_AFTER_RESULTS}
+def _forwarded_env(cloud: bool = False) -> dict[str, str]:
+    """The environment every trial and worker gets; ``cloud``: also the object-store credentials and
+    endpoints (:data:`CLOUD_ENV_PREFIXES`; visible in the job's runtime_env on the dashboard)."""
+    prefixes = FORWARDED_ENV_PREFIXES + (CLOUD_ENV_PREFIXES if cloud else ())
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k != FAULT_KILL_DRIVER_AFTER_RESULTS}
+
+
+def _local_space(space_path: str | Path) -> Path:
+    """The search-space YAML as a local file: a URI (``--submit`` stages it in the bucket) is downloaded
+    into the cache, keeping its file name."""
+    if not is_uri(space_path):
+        return Path(space_path)
+    from brainage_core.data.sources import cache_dir_of
+
+    base, _, query = str(space_path).partition("?")
+    parent, _, file_name = base.rpartition("/")
+    target = cache_dir_of() / "studies" / ".jobs" / file_name
+    if StudyFolder(f"{parent}?{query}" if query else parent).download(file_name, target) is None:
+        raise ConfigError(f"{space_path}: no such search-space YAML on the object store")
+    return target
 
 
 def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: str | None = None,
@@ -270,30 +331,29 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     """Run (or resume) a study; returns the study folder. Errors on bad input are BrainageError.
 
     ``address`` (else ``$RAY_ADDRESS``): an existing Ray cluster (see the module docstring)."""
-    from study.cluster import check_dashboard_exposure, code_runtime_env, inside_ray_job, is_uri
+    from study.cluster import check_dashboard_exposure, code_runtime_env, inside_ray_job
 
     for warning in check_dashboard_exposure(dashboard_host, allow_no_auth=allow_no_auth):
         print(warning, file=sys.stderr, flush=True)
-    if is_uri(storage):
-        raise ConfigError(f"--storage {storage}: the study runner writes its folder with local file operations: "
-                          f"expected a shared file system path (mount the bucket, e.g. with s3fs or gcsfuse, at the "
-                          f"same path on every node); see docs/cluster.md")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if inside_ray_job():
         # Tune's TensorBoard logger imports torch late; in a job's driver, loading libtorch_cpu after Ray's
         # libraries failed ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Loading it first works.
         import torch  # noqa: F401
-    space_path = Path(space_path)
+    space_path = _local_space(space_path)
     space = load_search_space(space_path, overrides)
     name = name or space_path.stem
-    study_dir = (Path(storage) / name).resolve()
+    folder = StudyFolder(join_location(str(storage), name))
+    if folder.is_remote:
+        folder.check_writable()  # before anything is written
+    study_dir = folder.local  # where the driver writes (a remote folder: its local mirror)
     config = resolved_config(space, overrides)
-    _prepare_folder(study_dir, space_path, config, resume)
+    _prepare_folder(folder, space_path, config, resume)
 
     from brainage_core.data.sources import resolve_store
 
     print(f"[study] {name}: {space.study.num_samples} trials ({space.study.searcher}), objective "
-          f"{space.study.objective} ({space.study.mode}); folder {study_dir}", flush=True)
+          f"{space.study.objective} ({space.study.mode}); folder {folder.location}", flush=True)
     store = resolve_store(space.config.data, progress=True)
     print(f"[study] data store {store.path} (fingerprint {store.fingerprint})", flush=True)
 
@@ -306,7 +366,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
     st = space.study
     in_job = inside_ray_job()  # a submitted job already carries its runtime_env (code, env vars)
-    info = start_ray(st.resources, st.max_concurrent_trials, env=None if in_job else _forwarded_env(),
+    info = start_ray(st.resources, st.max_concurrent_trials, env=None if in_job else _forwarded_env(folder.is_remote),
                      address=address, dashboard_host=dashboard_host,
                      runtime_env=code_runtime_env(code) if address and not in_job else None)
     if st.resources.use_gpu and not ray.cluster_resources().get("GPU"):
@@ -319,10 +379,10 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     if address and not info.started_here:
         from study.cluster import check_store_on_every_node, check_visible_on_every_node, copy_sqlite, local_optuna_db
 
-        nodes = check_visible_on_every_node(study_dir, what="study folder")
+        nodes = check_visible_on_every_node(folder.location, what="study folder")
         check_store_on_every_node(store.path, store.fingerprint)
         print(f"[study] cluster {address}: {len(nodes)} node(s) see the study folder and the store", flush=True)
-        if storage_url is None:
+        if storage_url is None and not folder.is_remote:
             # sqlite must not live on network storage: the driver's local disk, copied at each result
             local_db = local_optuna_db(study_dir)
             local_db.parent.mkdir(parents=True, exist_ok=True)
@@ -332,10 +392,14 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                 local_db.unlink(missing_ok=True)
             storage_url = f"sqlite:///{local_db}"
             optuna_copy = (str(local_db), str(study_dir / "optuna.db"))
+    if folder.is_remote and storage_url is None:
+        # the mirror's sqlite (local disk, downloaded by --resume); a snapshot is uploaded at each result
+        storage_url = f"sqlite:///{study_dir / 'optuna.db'}"
+        optuna_copy = (str(study_dir / "optuna.db"), folder.child("optuna.db"))
     print(f"[study] Optuna dashboard: optuna-dashboard {storage_url or optuna_storage_url(study_dir)}", flush=True)
-    print(f"[study] TensorBoard: tensorboard --logdir {study_dir / 'tune'}", flush=True)
+    print(f"[study] TensorBoard: tensorboard --logdir {folder.child('tune')}", flush=True)
 
-    spec = TrialSpec(space=space, study_dir=str(study_dir), store_path=str(store.path))
+    spec = TrialSpec(space=space, study_dir=folder.location, store_path=str(store.path))
     trainable = tune.with_parameters(run_trial, spec=spec)
     res = st.resources
     if res.num_workers > 1:
@@ -343,10 +407,10 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     else:
         trial_resources = {"cpu": res.cpus_per_worker, "gpu": 1 if res.use_gpu else 0}
     trainable = tune.with_resources(trainable, trial_resources)
-    tune_dir = study_dir / "tune"
+    tune_dir = folder.child("tune")
     try:
-        if resume and tune.Tuner.can_restore(str(tune_dir)):
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+        if resume and tune.Tuner.can_restore(tune_dir):
+            tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
             tuner = tune.Tuner(
@@ -357,7 +421,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                                             max_concurrent_trials=st.max_concurrent_trials,
                                             reuse_actors=REUSE_ACTORS and res.num_workers == 1),
                 run_config=tune.RunConfig(
-                    name="tune", storage_path=str(study_dir),
+                    name="tune", storage_path=folder.location,
                     # DDP trials already restart their worker group (Train's FailureConfig); one Tune-level
                     # retry covers the trial process itself, so failures do not multiply.
                     failure_config=tune.FailureConfig(
@@ -365,7 +429,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=st.checkpoints_to_keep,
                                                             checkpoint_score_attribute=st.objective,
                                                             checkpoint_score_order=st.mode),
-                    callbacks=[StudyCallback(str(study_dir), space, str(store.path), optuna_copy)],
+                    callbacks=[StudyCallback(folder.location, space, str(store.path), optuna_copy)],
                     verbose=0,
                 ),
             )
@@ -383,10 +447,15 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         from study.results import write_pareto
 
         front = write_pareto(study_dir, pd.read_parquet(study_dir / "results.parquet"), st.objectives, st.modes)
+        if folder.is_remote:
+            for rel in ("pareto.csv", "pareto.parquet"):
+                folder.upload(rel)
         print(f"[study] Pareto set ({', '.join(st.objectives)}): {len(front)} trial(s) in "
-              f"{study_dir / 'pareto.csv'}", flush=True)
+              f"{folder.child('pareto.csv')}", flush=True)
+    if folder.is_remote and (study_dir / "results.parquet").exists():
+        folder.upload("results.parquet")
     errors = [r for r in results if r.error is not None]
-    print(f"[study] done: {study_dir / 'results.parquet'}; {len(errors)} trial(s) failed", flush=True)
+    print(f"[study] done: {folder.child('results.parquet')}; {len(errors)} trial(s) failed", flush=True)
     if errors:
         for r in errors:
             print(f"[study] failed trial in {r.path}: {str(r.error).splitlines()[0] if str(r.error) else r.error}",
@@ -404,14 +473,16 @@ def _submit(args: argparse.Namespace) -> int:
     for warning in check_dashboard_exposure(urlparse(url).hostname or "", allow_no_auth=args.i_understand_no_auth):
         print(warning, file=sys.stderr, flush=True)
     load_search_space(args.space, args.overrides)  # bad input fails here, before anything is submitted
+    remote = is_uri(args.storage)
     run_args = [*args.overrides, "--name", args.name or Path(args.space).stem,
-                "--storage", str(Path(args.storage).resolve()), "--code", args.code]
+                "--storage", args.storage if remote else str(Path(args.storage).resolve()), "--code", args.code]
     if args.resume:
         run_args.append("--resume")
     if args.optuna_storage:
         run_args += ["--optuna-storage", args.optuna_storage]
-    return submit_study(address=url, space_path=Path(args.space), stage_dir=Path(args.storage) / ".jobs",
-                        run_args=run_args, code=args.code, env=_forwarded_env(), python=args.job_python)
+    stage_dir = join_location(args.storage, ".jobs") if remote else Path(args.storage) / ".jobs"
+    return submit_study(address=url, space_path=Path(args.space), stage_dir=stage_dir, run_args=run_args,
+                        code=args.code, env=_forwarded_env(remote), python=args.job_python)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

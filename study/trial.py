@@ -19,19 +19,29 @@ Both paths: metrics are reported at evaluation epochs only (``epoch`` is ASHA's 
 its last metrics re-reported by ``train`` (nothing left to train), without copying the checkpoint
 again (``checkpoint_path`` names the stored one). Checkpoint retention: ``checkpoints_to_keep`` best by
 the objective (Train's / Tune's ``CheckpointConfig``; the latest is always kept as well).
+
+Study folders on object stores (``study_dir`` a URI, :mod:`study.storage`): Tune's and Train's storage
+paths are URIs (Ray writes checkpoints through pyarrow), a restored checkpoint is downloaded
+(``Checkpoint.to_directory``), ``train`` writes into a node-local work folder and the trial uploads its
+metrics.jsonl / train_log.jsonl to ``<study>/trials/<id>/`` at every report; reported checkpoint paths
+are URIs (:func:`checkpoint_location`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from study.space import SearchSpace
+from study.storage import StudyFolder, is_uri, join_location
 
-__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID"]
+__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID",
+           "checkpoint_location", "local_checkpoint_dir", "fetch_logs", "publish_logs"]
 
 CHECKPOINT_PATH = "checkpoint_path"
 #: reported with every evaluation: the Ray node that ran the trial's training (rank 0 under DDP)
@@ -51,11 +61,62 @@ class TrialSpec:
 
     @property
     def train_storage(self) -> str:
-        return str(Path(self.study_dir) / "train_runs")
+        """Storage path of the Ray Train runs of DDP trials (a local path or a URI)."""
+        return join_location(self.study_dir, "train_runs")
 
     def work_dir(self, trial_id: str) -> Path:
-        """Where ``train`` writes metrics.jsonl, train_log.jsonl and its scratch checkpoint."""
+        """Where ``train`` writes metrics.jsonl, train_log.jsonl and its scratch checkpoint: the study's
+        ``trials/<id>/`` for a local study; a node-local folder for a study on an object store (the logs
+        are published to ``trials/<id>/`` there at every report, :func:`publish_logs`)."""
+        if is_uri(self.study_dir):
+            digest = hashlib.sha1(self.study_dir.encode()).hexdigest()[:16]
+            return Path(tempfile.gettempdir()) / "brainage-study-trials" / digest / trial_id
         return Path(self.study_dir) / "trials" / trial_id
+
+    def logs_location(self, trial_id: str) -> str | None:
+        """Where a remote study keeps the trial's logs (``<study>/trials/<id>``); None for a local study."""
+        return join_location(self.study_dir, f"trials/{trial_id}") if is_uri(self.study_dir) else None
+
+
+#: the files of a trial's work folder published to a remote study's ``trials/<id>/``
+PUBLISHED_LOGS = ("metrics.jsonl", "train_log.jsonl")
+
+
+def fetch_logs(logs_location: str | None, work_dir: str | Path) -> None:
+    """Before training: copy a remote study's published logs of this trial into its (node-local) work
+    folder, so that a trial resumed on another node continues them (``train`` truncates them to the
+    checkpoint's epoch). No-op for a local study."""
+    if logs_location is None:
+        return
+    folder = StudyFolder(logs_location)
+    for name in PUBLISHED_LOGS:
+        folder.download(name, Path(work_dir) / name)
+
+
+def publish_logs(logs_location: str | None, work_dir: str | Path) -> None:
+    """Upload the trial's logs from its work folder to a remote study (one PUT each); no-op when local."""
+    if logs_location is None:
+        return
+    folder = StudyFolder(logs_location)
+    for name in PUBLISHED_LOGS:
+        if (Path(work_dir) / name).exists():
+            folder.upload(name, Path(work_dir) / name)
+
+
+def checkpoint_location(checkpoint: Any) -> str:
+    """A Ray checkpoint's location as ``results.parquet`` stores it: its local path, or a URI
+    (``s3://bucket/...``) when it lives on an object store (Ray's ``path`` then has no scheme)."""
+    fs_type = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    if fs_type in ("local", "mock"):
+        return checkpoint.path
+    scheme = {"gcs": "gs"}.get(fs_type, fs_type)
+    return f"{scheme}://{checkpoint.path.lstrip('/')}"
+
+
+def local_checkpoint_dir(checkpoint: Any) -> str:
+    """A folder holding the files of a restored Ray checkpoint: read in place when it is a local folder,
+    downloaded (``Checkpoint.to_directory``) when it lives on an object store."""
+    return checkpoint.path if os.path.isdir(checkpoint.path) else checkpoint.to_directory()
 
 
 def trial_config_dict(spec: TrialSpec, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +166,9 @@ def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> Non
     from brainage_core.training import train
 
     restored = ray.tune.get_checkpoint()
-    resume_from = restored.path if restored is not None else None
+    resume_from = local_checkpoint_dir(restored) if restored is not None else None
+    work_dir, logs_at = spec.work_dir(trial_id), spec.logs_location(trial_id)
+    fetch_logs(logs_at, work_dir)
     node_id = ray.get_runtime_context().get_node_id()
     # Tune logs "Checkpoint successfully created at ..." at INFO for every report: the driver's progress
     # lines already say it, so keep the terminal to warnings.
@@ -114,16 +177,17 @@ def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> Non
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)), NODE_ID: node_id}
+        publish_logs(logs_at, work_dir)
         if checkpoint_dir is None or _same_dir(checkpoint_dir, resume_from):
             # A finished trial re-reporting its stored checkpoint: do not store it a second time.
-            payload[CHECKPOINT_PATH] = resume_from
+            payload[CHECKPOINT_PATH] = checkpoint_location(restored) if restored is not None else None
             ray.tune.report(payload)
         else:
             ray.tune.report(payload, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
 
-    train(config, spec.work_dir(trial_id), callback=callback, rank=0, world_size=1, device=_device(spec),
+    train(config, work_dir, callback=callback, rank=0, world_size=1, device=_device(spec),
           resume_from=resume_from)
-    _drop_scratch_checkpoints(spec.work_dir(trial_id))
+    _drop_scratch_checkpoints(work_dir)
 
 
 def _drop_scratch_checkpoints(work_dir: Path) -> None:
@@ -152,7 +216,7 @@ def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config, "out_dir": str(spec.work_dir(trial_id)), "device": _device(spec),
-                           "num_workers": res.num_workers},
+                           "num_workers": res.num_workers, "logs_location": spec.logs_location(trial_id)},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
@@ -184,17 +248,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     resume_from = None
     if restored is not None:
         # Each rank needs the files (RNG states of every rank); a local storage path is read in place.
-        resume_from = restored.path if os.path.isdir(restored.path) else restored.to_directory()
+        resume_from = local_checkpoint_dir(restored)
     num_workers = int(loop_config["num_workers"])
+    logs_at = loop_config.get("logs_location") if rank == 0 else None
+    fetch_logs(logs_at, loop_config["out_dir"])
     node_id = ray.get_runtime_context().get_node_id()
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         payload = {**metrics, "compute_s": float(metrics.get("wall_s", 0.0)) * num_workers, NODE_ID: node_id}
+        publish_logs(logs_at, loop_config["out_dir"])
         if rank == 0 and checkpoint_dir is not None and not _same_dir(checkpoint_dir, resume_from):
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
         else:
-            if rank == 0 and checkpoint_dir is not None:
-                payload[CHECKPOINT_PATH] = restored.path  # a finished run re-reporting its stored checkpoint
+            if rank == 0 and checkpoint_dir is not None:  # a finished run re-reporting its stored checkpoint
+                payload[CHECKPOINT_PATH] = checkpoint_location(restored)
             ray.train.report(payload)
 
     logging.getLogger("brainage_core").setLevel(logging.WARNING)

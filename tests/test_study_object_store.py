@@ -1,0 +1,274 @@
+"""Study folders on an object store: ``--storage s3://bucket/prefix`` end to end against a local S3.
+
+A moto S3 server (``moto.server.ThreadedMotoServer`` on 127.0.0.1, a free port) stands in for S3 for
+the whole module; ``AWS_ENDPOINT_URL`` and test credentials are set before Ray starts, so every Ray
+worker reaches it too. One Ray for the module (as in test_study.py); each study is a real
+``python -m study.run`` process joining it through RAY_ADDRESS. The smoke study runs in-trial
+(num_workers 1, 2 trials of 2 epochs); one DDP trial (2 workers) checks Train's storage on S3.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from brainage_core.errors import ConfigError, DataError
+from study.storage import StudyFolder, join_location
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+BUCKET = "bucket"
+STORAGE = f"s3://{BUCKET}/studies"
+IN_TRIAL = ("study.resources.num_workers=1",)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3 (moto) with one bucket; the AWS_* environment points at it for the module."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
+        fs.create_dir(BUCKET)
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_address(s3):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
+             logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def s3fs() -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(STORAGE)[0]
+
+
+def objects(prefix: str) -> list[str]:
+    """Keys of the files under ``bucket/prefix`` (empty when none)."""
+    fs = s3fs()
+    if fs.get_file_info(prefix).type == pafs.FileType.NotFound:
+        return []
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+            if i.type == pafs.FileType.File]
+
+
+def read_object(key: str) -> bytes:
+    with s3fs().open_input_stream(key) as f:
+        return f.read()
+
+
+def run_study(ray_address, cache, cwd, *args, env=None, timeout=400):
+    full_env = {**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache), "PYTHONPATH": str(ROOT),
+                "TUNE_GLOBAL_CHECKPOINT_S": "0", **(env or {})}
+    cmd = [sys.executable, "-m", "study.run", str(SMOKE), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def show(proc):
+    return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# StudyFolder without Ray
+# --------------------------------------------------------------------------------------------------
+
+
+def test_locations_and_transfers(s3, tmp_path):
+    assert join_location("s3://b/p?endpoint_override=http://h:1", "x/y") == "s3://b/p/x/y?endpoint_override=http://h:1"
+    assert join_location(str(tmp_path), "a") == str(tmp_path / "a")
+    folder = StudyFolder(f"{STORAGE}/unit", cache_dir=tmp_path / "cache")
+    assert folder.is_remote and folder.name == "unit" and folder.path == f"{BUCKET}/studies/unit"
+    assert folder.local.is_relative_to(tmp_path / "cache" / "studies")
+    assert folder.child("tune") == f"{STORAGE}/unit/tune"
+    assert folder.uri_of(f"{BUCKET}/studies/unit/tune/x") == f"{STORAGE}/unit/tune/x"
+    with pytest.raises(DataError, match="s3://bucket/studies/unit holds none of"):
+        folder.materialize()
+    folder.local.mkdir(parents=True)
+    (folder.local / "config.yaml").write_text("a: 1\n")
+    folder.upload("config.yaml")
+    assert read_object(f"{BUCKET}/studies/unit/config.yaml") == b"a: 1\n"
+    (folder.local / "config.yaml").unlink()
+    (folder.local / "results.parquet").write_text("stale")  # no longer in the bucket: dropped from the mirror
+    assert folder.materialize() == folder.local
+    assert (folder.local / "config.yaml").read_text() == "a: 1\n" and not (folder.local / "results.parquet").exists()
+    assert folder.download("missing.txt") is None and not folder.exists("missing.txt")
+    folder.check_writable()
+    assert [k for k in objects(f"{BUCKET}/studies/unit") if ".write-probe" in k] == []
+    local = StudyFolder(tmp_path / "plain")
+    assert not local.is_remote and local.local == (tmp_path / "plain").resolve() and local.child("x") == str(
+        (tmp_path / "plain" / "x").resolve())
+
+
+def test_bad_storage_is_one_config_error_and_writes_nothing(s3, tmp_path, monkeypatch):
+    from study.run import run_study as run
+
+    monkeypatch.setenv("BRAINAGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"--storage s3://nobucket/studies/smoke: cannot write .*NO_SUCH_BUCKET"):
+        run(SMOKE, storage="s3://nobucket/studies")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ConfigError, match=r"--storage s3://bucket/studies/smoke: cannot write .*(connect|Connect)"):
+        run(SMOKE, storage=STORAGE)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
+    assert objects(f"{BUCKET}/studies/smoke") == []
+    assert not (tmp_path / "cache").exists()
+    # the command line: one error line, exit status 2
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BRAINAGE_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "study.run", str(SMOKE), "--storage", "s3://nobucket/x"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --storage s3://nobucket/x/smoke")
+
+
+def test_submit_passes_the_uri_through(s3, tmp_path, monkeypatch):
+    from study import cluster, run
+
+    seen = {}
+    monkeypatch.setattr(cluster, "submit_study", lambda **kw: seen.update(kw) or 0)
+    assert run.main([str(SMOKE), "--submit", "--address", "http://127.0.0.1:8265", "--storage", STORAGE]) == 0
+    args = seen["run_args"]
+    assert args[args.index("--storage") + 1] == STORAGE and seen["stage_dir"] == f"{STORAGE}/.jobs"
+    assert seen["env"]["AWS_ENDPOINT_URL"] == s3["AWS_ENDPOINT_URL"]
+    # the job's driver reads a space staged in the bucket
+    monkeypatch.setenv("BRAINAGE_CACHE", str(tmp_path / "cache"))
+    fs = s3fs()
+    with fs.open_output_stream(f"{BUCKET}/studies/.jobs/smoke-1234.yaml") as f:
+        f.write(SMOKE.read_bytes())
+    local = run._local_space(f"{STORAGE}/.jobs/smoke-1234.yaml")
+    assert local.name == "smoke-1234.yaml" and local.read_bytes() == SMOKE.read_bytes()
+    with pytest.raises(ConfigError, match="no such search-space YAML"):
+        run._local_space(f"{STORAGE}/.jobs/none.yaml")
+
+
+# --------------------------------------------------------------------------------------------------
+# Studies on S3
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_study(ray_address, cache, tmp_path_factory):
+    """The in-trial smoke study written to s3://bucket/studies/s3smoke (cwd: an empty folder)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    proc = run_study(ray_address, cache, cwd, *IN_TRIAL, "--storage", STORAGE, "--name", "s3smoke")
+    assert proc.returncode == 0, show(proc)
+    return {"proc": proc, "cwd": cwd, "uri": f"{STORAGE}/s3smoke", "prefix": f"{BUCKET}/studies/s3smoke"}
+
+
+def test_study_writes_its_folder_to_the_bucket(s3_study, cache):
+    prefix, keys = s3_study["prefix"], objects(s3_study["prefix"])
+    for name in ("config.yaml", "space.yaml", "results.parquet", "optuna.db"):
+        assert f"{prefix}/{name}" in keys, name
+    assert any(k.startswith(f"{prefix}/tune/experiment_state") for k in keys)
+    assert not (ROOT / "studies" / "s3smoke").exists() and list(s3_study["cwd"].iterdir()) == []
+
+    df = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
+    assert df["trial_id"].nunique() == 2
+    assert sorted(df.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2], [1, 2]]
+    assert (df["status"] == "completed").all()
+    # checkpoints: URIs under Tune's experiment; the one kept per trial (checkpoints_to_keep 1) is in the bucket
+    assert df["checkpoint_path"].notna().all()
+    assert df["checkpoint_path"].str.startswith(f"{s3_study['uri']}/tune/").all()
+    for path in df.sort_values("epoch").groupby("trial_id")["checkpoint_path"].last():
+        assert f"{path.removeprefix('s3://')}/checkpoint.pt" in keys
+    # each trial's logs were published
+    for trial_id in df["trial_id"].unique():
+        log = read_object(f"{prefix}/trials/{trial_id}/train_log.jsonl").decode().splitlines()
+        assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+        metrics = read_object(f"{prefix}/trials/{trial_id}/metrics.jsonl").decode().splitlines()
+        assert len(metrics) == 2
+    # the Optuna snapshot in the bucket is the study
+    db = cache / "check-optuna.db"
+    db.write_bytes(read_object(f"{prefix}/optuna.db"))
+    trials = optuna.load_study(study_name="s3smoke", storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    last = df[df["epoch"] == 2].sort_values("param.loss.temperature")
+    assert sorted(t.value for t in trials) == pytest.approx(sorted(last["val_mae_ext"]))
+
+
+def test_resume_keeps_rows_and_reruns_nothing(s3_study, ray_address, cache):
+    prefix = s3_study["prefix"]
+    before = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
+    StudyFolder(s3_study["uri"]).clear_mirror()  # as on another machine: everything comes from the bucket
+    proc = run_study(ray_address, cache, s3_study["cwd"], *IN_TRIAL, "--storage", STORAGE, "--name", "s3smoke",
+                     "--resume")
+    assert proc.returncode == 0, show(proc)
+    assert "[study] trial" not in proc.stdout, show(proc)  # no trial reported again
+    after = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
+    pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
+    again = run_study(ray_address, cache, s3_study["cwd"], *IN_TRIAL, "--storage", STORAGE, "--name", "s3smoke")
+    assert again.returncode == 2 and "add --resume" in again.stderr
+
+
+def test_loader_and_export_read_the_bucket(s3_study, tmp_path):
+    from analysis.loader import load_studies, load_study
+    from study.export import export_submission, rank_checkpoints
+
+    StudyFolder(s3_study["uri"]).clear_mirror()
+    study = load_study(s3_study["uri"])
+    assert study.name == "s3smoke" and study.results["trial_id"].nunique() == 2
+    assert study.config["study"]["num_samples"] == 2
+    df = load_studies([s3_study["uri"]])
+    assert set(df["study_dir"]) == {s3_study["uri"]} and set(df["study"]) == {"s3smoke"}
+
+    ranked = rank_checkpoints(s3_study["uri"], "val_mae_ext")
+    assert len(ranked) == 2 and ranked["checkpoint"].str.startswith(s3_study["uri"]).all()
+    out = export_submission(s3_study["uri"], tmp_path / "sub", metric="val_mae_ext")
+    assert sorted(p.name for p in out.iterdir()) == ["estimator.py", "metadata.pkl", "weights.pth"]
+    meta = pd.read_pickle(out / "metadata.pkl")
+    assert meta["checkpoint"] == ranked["checkpoint"].iloc[0] and meta["study_dir"] == s3_study["uri"]
+
+
+def test_ddp_trial_on_s3(ray_address, cache, tmp_path):
+    proc = run_study(ray_address, cache, tmp_path, "study.num_samples=1", "--storage", STORAGE, "--name", "s3ddp")
+    assert proc.returncode == 0, show(proc)
+    prefix = f"{BUCKET}/studies/s3ddp"
+    df = pd.read_parquet(io.BytesIO(read_object(f"{prefix}/results.parquet")))
+    assert df["epoch"].tolist() == [1, 2] and (df["status"] == "completed").all()
+    assert (df["compute_s"] - 2 * df["wall_s"]).abs().max() < 1e-6
+    keys = objects(prefix)
+    path = df["checkpoint_path"].dropna().iloc[-1]
+    assert path.startswith(f"{STORAGE}/s3ddp/train_runs/trial_"), path
+    assert f"{path.removeprefix('s3://')}/checkpoint.pt" in keys
+    trial_id = df["trial_id"].iloc[0]
+    log = read_object(f"{prefix}/trials/{trial_id}/train_log.jsonl").decode().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+    assert list(tmp_path.iterdir()) == []
