@@ -167,11 +167,13 @@ class StudyFolder:
 
     def uri_of(self, fs_path: str) -> str:
         """A URI for a path of this folder's file system (e.g. a Ray checkpoint's ``path``): the scheme is
-        added for a remote folder; a local path is returned as is."""
+        added for a remote folder, and the folder's query string (e.g. ``endpoint_override``) kept; a local
+        path is returned as is."""
         if not self.is_remote or is_uri(fs_path):
             return fs_path
         scheme = _PYARROW_SCHEMES.get(self.filesystem.type_name, self.filesystem.type_name)
-        return f"{scheme}://{fs_path.lstrip('/')}"
+        query = self.location.partition("?")[2]
+        return f"{scheme}://{fs_path.lstrip('/')}" + (f"?{query}" if query else "")
 
     # ---- transfers ------------------------------------------------------------------------------
 

@@ -63,10 +63,17 @@ def s3():
 
 @pytest.fixture(scope="module")
 def ray_address(s3):
+    """One Ray for the module, started WITHOUT the AWS_* environment: its workers reach the local S3 only
+    if the study forwards the variables (the job's runtime_env), as on a real cluster."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
-             logging_level=logging.WARNING)
+    for key in s3:
+        os.environ.pop(key)
+    try:
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
+                 logging_level=logging.WARNING)
+    finally:
+        os.environ.update(s3)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -272,3 +279,20 @@ def test_ddp_trial_on_s3(ray_address, cache, tmp_path):
     log = read_object(f"{prefix}/trials/{trial_id}/train_log.jsonl").decode().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_final_on_the_bucket(s3_study, ray_address, cache):
+    StudyFolder(s3_study["uri"]).clear_mirror()
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "study" / "final.py"), s3_study["uri"], "--top-k", "1",
+                           "--seeds", "1"], cwd=s3_study["cwd"], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, show(proc)
+    prefix, keys = s3_study["prefix"], objects(s3_study["prefix"])
+    summary = pd.read_csv(io.BytesIO(read_object(f"{prefix}/final_summary.csv")))
+    assert len(summary) == 1 and summary["n_seeds"].tolist() == [1]
+    assert f"{prefix}/final.parquet" in keys and f"{prefix}/final_summary.csv" in keys
+    assert any(k.startswith(f"{prefix}/final/final-") for k in keys)  # the Tune run is on the bucket
+    df = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
+    final = df[df["status"] == "final"]
+    assert len(final) == 1 and final["test_mae_ext"].notna().all()
+    assert (df["status"] == "completed").sum() == 4  # the study's rows are kept
