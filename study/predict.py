@@ -31,13 +31,15 @@ import numpy as np
 import pandas as pd
 
 from brainage_core.errors import BrainageError, DataError
+from study.storage import fetch_tree, is_uri
 
 DEFAULT_AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 120)
 LAYOUTS = ("openbhb", "nifti")
 
 
 def load_submission(submission: str | Path):
-    """(model in eval mode on the CPU, metadata dict) of an exported submission folder.
+    """(model in eval mode on the CPU, metadata dict) of an exported submission folder: a local path, or
+    a URI (``s3://...``, ``gs://...``) downloaded into ``$BRAINAGE_CACHE/submissions/<sha1 of the URI>``.
 
     ``DataError`` naming the file when ``metadata.pkl`` or ``weights.pth`` is missing or lacks a key.
     """
@@ -46,6 +48,13 @@ def load_submission(submission: str | Path):
     from brainage_core.export import METADATA_FILE, WEIGHTS_FILE
     from brainage_core.models import build_model
 
+    if is_uri(submission):
+        import hashlib
+
+        from brainage_core.data.sources import cache_dir_of
+
+        digest = hashlib.sha1(str(submission).encode()).hexdigest()[:16]
+        submission = fetch_tree(str(submission), cache_dir_of() / "submissions" / digest)
     submission = Path(submission)
     meta_path, weights_path = submission / METADATA_FILE, submission / WEIGHTS_FILE
     for path in (meta_path, weights_path):
@@ -155,7 +164,8 @@ def predict_cohort(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python study/predict.py", description=__doc__.splitlines()[0])
-    parser.add_argument("submission", metavar="SUBMISSION_DIR", help="folder written by study/export.py")
+    parser.add_argument("submission", metavar="SUBMISSION_DIR",
+                        help="folder written by study/export.py (or its copy at s3://... / gs://...)")
     parser.add_argument("cohort", metavar="COHORT", help="cohort folder (nifti layout: or its participants table)")
     parser.add_argument("--layout", choices=LAYOUTS, required=True)
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")

@@ -81,10 +81,11 @@ def location_exists(location: str | os.PathLike[str]) -> bool:
         return False
 
 
-def fetch_tree(location: str, dest: str | os.PathLike[str]) -> Path:
+def fetch_tree(location: str, dest: str | os.PathLike[str], *,
+               what: str = "a folder written by study/run.py or study/export.py") -> Path:
     """Copy the folder at a URI into the local folder ``dest`` (replaced); returns ``dest``.
 
-    DataError naming the URI when there is nothing there."""
+    DataError naming the URI (and ``what`` was expected there) when there is no folder there."""
     import pyarrow.fs
 
     fs, path = _filesystem(location)
@@ -92,8 +93,7 @@ def fetch_tree(location: str, dest: str | os.PathLike[str]) -> Path:
     try:
         info = fs.get_file_info(path)
         if info.type != pyarrow.fs.FileType.Directory:
-            raise DataError(f"{location}: no such folder on the object store: expected a checkpoint folder "
-                            f"written by the study")
+            raise DataError(f"{location}: no such folder on the object store: expected {what}")
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -82,7 +82,15 @@ def ray_address(s3):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    """BRAINAGE_CACHE of the module (this process and the studies): stores, mirrors, downloads."""
+    path = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get("BRAINAGE_CACHE")
+    os.environ["BRAINAGE_CACHE"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("BRAINAGE_CACHE", None)
+    else:
+        os.environ["BRAINAGE_CACHE"] = saved
 
 
 def s3fs() -> pafs.FileSystem:
@@ -245,7 +253,7 @@ def test_resume_keeps_rows_and_reruns_nothing(s3_study, ray_address, cache):
     assert again.returncode == 2 and "add --resume" in again.stderr
 
 
-def test_loader_and_export_read_the_bucket(s3_study, tmp_path):
+def test_loader_and_export_read_the_bucket(s3_study, cache, tmp_path):
     from analysis.loader import load_studies, load_study
     from study.export import export_submission, rank_checkpoints
 
@@ -260,8 +268,20 @@ def test_loader_and_export_read_the_bucket(s3_study, tmp_path):
     assert len(ranked) == 2 and ranked["checkpoint"].str.startswith(s3_study["uri"]).all()
     out = export_submission(s3_study["uri"], tmp_path / "sub", metric="val_mae_ext")
     assert sorted(p.name for p in out.iterdir()) == ["estimator.py", "metadata.pkl", "weights.pth"]
+    assert list((cache / "checkpoints").iterdir())  # the checkpoint was downloaded into the cache
     meta = pd.read_pickle(out / "metadata.pkl")
     assert meta["checkpoint"] == ranked["checkpoint"].iloc[0] and meta["study_dir"] == s3_study["uri"]
+    # a submission copied to the bucket is read from there by study/predict.py
+    from study.predict import load_submission
+
+    pafs.copy_files(str(out), f"{BUCKET}/submissions/sub", destination_filesystem=s3fs())
+    model, meta_s3 = load_submission(f"s3://{BUCKET}/submissions/sub")
+    local_model, _ = load_submission(out)
+    assert meta_s3["trial_id"] == meta["trial_id"]
+    for key, value in local_model.state_dict().items():
+        assert (model.state_dict()[key] == value).all(), key
+    with pytest.raises(DataError, match=f"s3://{BUCKET}/submissions/none: no such folder"):
+        load_submission(f"s3://{BUCKET}/submissions/none")
 
 
 def test_ddp_trial_on_s3(ray_address, cache, tmp_path):
