@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,12 @@ def test_loader_and_export_read_the_bucket(s3_study, cache, tmp_path):
     assert study.config["study"]["num_samples"] == 2
     df = load_studies([s3_study["uri"]])
     assert set(df["study_dir"]) == {s3_study["uri"]} and set(df["study"]) == {"s3smoke"}
+    # the HTML report, Optuna importances included (optuna.db comes down with the mirror)
+    from analysis.report import build_report
+
+    html = build_report([s3_study["uri"]], tmp_path / "report.html", metric="val_mae_ext").read_text()
+    assert all(str(t) in html for t in study.results["trial_id"].unique())
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 4  # pareto, importances, epochs, ref
 
     ranked = rank_checkpoints(s3_study["uri"], "val_mae_ext")
     assert len(ranked) == 2 and ranked["checkpoint"].str.startswith(s3_study["uri"]).all()
