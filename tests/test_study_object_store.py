@@ -254,6 +254,26 @@ def test_resume_keeps_rows_and_reruns_nothing(s3_study, ray_address, cache):
     assert again.returncode == 2 and "add --resume" in again.stderr
 
 
+def test_killed_trial_restarts_from_its_checkpoint_on_s3(ray_address, cache, tmp_path):
+    """The trial process dies at the start of epoch 2; Tune restarts it from its epoch-1 checkpoint, which
+    lives in the bucket (downloaded with Checkpoint.to_directory), and its logs continue on the bucket."""
+    once = tmp_path / "fault-fired"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_study(ray_address, cache, cwd, *IN_TRIAL, "study.num_samples=1", "--storage", STORAGE,
+                     "--name", "s3fault", env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2",
+                                               "BRAINAGE_FAULT_ONCE_FILE": str(once)})
+    assert proc.returncode == 0, show(proc)
+    assert once.exists()  # the trial did kill itself once
+    prefix = f"{BUCKET}/studies/s3fault"
+    df = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
+    assert df["epoch"].tolist() == [1, 2] and (df["status"] == "completed").all()
+    assert proc.stdout.count("epoch 1/2") == 1, show(proc)  # resumed at epoch 2, not re-trained
+    log = read_object(f"{prefix}/trials/{df['trial_id'].iloc[0]}/train_log.jsonl").decode().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+    assert list(cwd.iterdir()) == []
+
+
 def test_loader_and_export_read_the_bucket(s3_study, cache, tmp_path):
     from analysis.loader import load_studies, load_study
     from study.export import export_submission, rank_checkpoints
