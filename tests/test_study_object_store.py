@@ -1,10 +1,13 @@
 """Study folders on an object store: ``--storage s3://bucket/prefix`` end to end against a local S3.
 
 A moto S3 server (``moto.server.ThreadedMotoServer`` on 127.0.0.1, a free port) stands in for S3 for
-the whole module; ``AWS_ENDPOINT_URL`` and test credentials are set before Ray starts, so every Ray
-worker reaches it too. One Ray for the module (as in test_study.py); each study is a real
+the whole module; ``AWS_ENDPOINT_URL`` and test credentials are set in this process. One Ray for the
+module (as in test_study.py), started WITHOUT those variables, so trials and workers reach the bucket
+only through the study's forwarding of AWS_* (as on a real cluster); each study is a real
 ``python -m study.run`` process joining it through RAY_ADDRESS. The smoke study runs in-trial
-(num_workers 1, 2 trials of 2 epochs); one DDP trial (2 workers) checks Train's storage on S3.
+(num_workers 1, 2 trials of 2 epochs) and is then resumed, read by the loader, the report, the export
+and final.py; a killed trial restarts from its checkpoint in the bucket; one DDP trial (2 workers)
+checks Train's storage on S3. About 2 minutes on a loaded 2-core machine.
 """
 
 from __future__ import annotations
