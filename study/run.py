@@ -63,9 +63,9 @@ from study.storage import StudyFolder, is_uri, join_location
 __all__ = ["main", "run_study", "StudyCallback", "FAULT_KILL_DRIVER_AFTER_RESULTS"]
 
 FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
-#: in-trial studies (num_workers == 1) reuse each trial process for the next trial: no new process, no
-#: re-import of torch and Ray (bench/study_overhead.py). Never for DDP trials: reusing a trial that runs a
-#: TorchTrainer broke it in Ray 2.60 (ray-notes.md).
+#: each trial process is reused for the next trial: no new process, no re-import of torch and Ray
+#: (bench/study_overhead.py). DDP trials only where study.train_run can abort a stopped trial's Train run
+#: (reusing a trial blocked in TorchTrainer.fit() made the next trial fail, ray-notes.md).
 REUSE_ACTORS = True
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
 FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
@@ -362,6 +362,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
     from study.ray_runtime import start_ray
     from study.searcher import build_scheduler, build_searcher, optuna_storage_url
+    from study.train_run import reuse_supported
     from study.trial import TrialSpec, run_trial
 
     st = space.study
@@ -419,7 +420,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                                                                       storage_url=storage_url),
                                             scheduler=build_scheduler(space), num_samples=st.num_samples,
                                             max_concurrent_trials=st.max_concurrent_trials,
-                                            reuse_actors=REUSE_ACTORS and res.num_workers == 1),
+                                            reuse_actors=REUSE_ACTORS and (res.num_workers == 1 or reuse_supported())),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=folder.location,
                     # DDP trials already restart their worker group (Train's FailureConfig); one Tune-level

@@ -211,9 +211,21 @@ def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from study.train_run import (
+        AbortOnStopFlag,
+        LeanTorchTrainer,
+        TuneReportUntilStopped,
+        fit_until_stopped,
+        reuse_supported,
+        stop_flag_path,
+    )
+
     st = spec.space.study
     res = st.resources
-    trainer = TorchTrainer(
+    stoppable = reuse_supported()
+    flag = stop_flag_path(trial_id) if stoppable else None
+    callbacks = [TuneReportUntilStopped(flag), AbortOnStopFlag(flag)] if stoppable else [TuneReportCallback()]
+    trainer = (LeanTorchTrainer if stoppable else TorchTrainer)(
         train_worker,
         train_loop_config={"config": config, "out_dir": str(spec.work_dir(trial_id)), "device": _device(spec),
                            "num_workers": res.num_workers, "logs_location": spec.logs_location(trial_id)},
@@ -227,11 +239,15 @@ def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -
             checkpoint_config=CheckpointConfig(num_to_keep=st.checkpoints_to_keep,
                                                checkpoint_score_attribute=st.objective,
                                                checkpoint_score_order=st.mode),
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    trainer.fit()
+    if stoppable:
+        if fit_until_stopped(trainer, flag) is None:
+            print(f"[study] trial {trial_id} stopped by the scheduler: its Train run was aborted", flush=True)
+    else:
+        trainer.fit()
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

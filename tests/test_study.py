@@ -154,3 +154,37 @@ def test_in_trial_training_and_asha_pruning_reach_optuna(ray_address, cache, tmp
     complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(pruned) == (status == "pruned").sum() and len(complete) == (status == "completed").sum()
     assert all(t.intermediate_values for t in pruned)
+
+
+def _trial_pids(study_dir: Path) -> dict[str, int]:
+    pids = {}
+    for result_file in (study_dir / "tune").glob("*/result.json"):
+        first = json.loads(result_file.read_text().splitlines()[0])
+        pids[first["trial_id"]] = first["pid"]
+    return pids
+
+
+def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, cache, tmp_path):
+    """DDP trials run one after another in one reused trial process (study.train_run); a trial that ASHA
+    stops has its Train run aborted (it trains no further), and the next trial still starts cleanly."""
+    epochs = 6
+    # Epochs of >= 1 s (test hook): a stopped run that went on would reach the last epoch.
+    proc = run_study(ray_address, cache, tmp_path, "--name", "reuse", "study.num_samples=4",
+                     f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}",
+                     env={"BRAINAGE_FAULT_SLOW_EPOCH_S": "1.0"})
+    assert proc.returncode == 0, show(proc)
+    assert "reset_config" not in proc.stdout + proc.stderr, show(proc)
+    study_dir = tmp_path / "reuse"
+    df = pd.read_parquet(study_dir / "results.parquet")
+    status = df.groupby("trial_id")["status"].last()
+    assert len(status) == 4 and set(status) <= {"completed", "pruned"}, status.to_dict()
+    assert (status == "pruned").any(), "expected ASHA to stop a trial of this seeded study"
+    pids = _trial_pids(study_dir)
+    assert len(pids) == 4 and len(set(pids.values())) == 1, pids  # one trial process for all four
+    for trial_id in status[status == "pruned"].index:
+        log_file = study_dir / "trials" / trial_id / "train_log.jsonl"
+        log = [json.loads(line) for line in log_file.read_text().splitlines()]
+        reported = int(df[df["trial_id"] == trial_id]["epoch"].max())
+        # aborted: at most the epoch in flight when Tune's decision arrived (and one more on a busy machine)
+        trained = max(r["epoch"] for r in log)
+        assert trained <= min(reported + 2, epochs - 1), (trial_id, reported, [r["epoch"] for r in log])

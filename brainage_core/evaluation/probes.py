@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.dummy import DummyClassifier
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
 
 from brainage_core.errors import BrainageError
+
+# scikit-learn is imported where a probe is fitted, not here: importing it costs ~0.7 s, and every DDP rank
+# imports this module while only rank 0 ever fits a probe (bench/study_overhead.py).
 
 AGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 SITE_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -71,6 +70,9 @@ def _search(
     y: np.ndarray,
     n_jobs: int | None,
 ):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import GridSearchCV
+
     search = GridSearchCV(estimator, grid, cv=cv, scoring=scoring, error_score=np.nan, n_jobs=n_jobs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -85,6 +87,9 @@ def fit_age_probe(X: np.ndarray, y: np.ndarray, *, n_jobs: int | None = None) ->
 
     ``n_jobs``: processes for the grid search (scikit-learn's meaning; None = 1).
     """
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
+
     X, y = _check_features(X, y, "fit_age_probe")
     y = y.astype(np.float64)
     if not np.isfinite(y).all():
@@ -106,6 +111,10 @@ def fit_site_probe(X: np.ndarray, sites: np.ndarray, *, seed: int = 0, n_jobs: i
     saga's sampling order; ``n_jobs`` as in :func:`fit_age_probe`. Cost: the 25 saga fits dominate an
     evaluation (about 100 s for 2,600 x 128 features and 58 sites on one busy CPU core).
     """
+    from sklearn.dummy import DummyClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, StratifiedKFold
+
     X, sites = _check_features(X, sites, "fit_site_probe")
     labels, counts = np.unique(sites, return_counts=True)
     if labels.size == 1:

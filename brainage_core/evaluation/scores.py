@@ -10,7 +10,6 @@ import math
 import warnings
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score
 
 from brainage_core.errors import BrainageError
 
@@ -52,6 +51,8 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         return math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        from sklearn.metrics import balanced_accuracy_score  # imported here: see probes.py
+
         return float(balanced_accuracy_score(t, p))
 
 

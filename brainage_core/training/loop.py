@@ -26,7 +26,8 @@ Test-only fault injection (used by the study runner's tests to simulate a dying 
 in real runs): with ``BRAINAGE_FAULT_KILL_AT_EPOCH=k`` the process sends itself SIGKILL at the start of
 epoch ``k``; ``BRAINAGE_FAULT_RANK=r`` restricts this to rank ``r``; with
 ``BRAINAGE_FAULT_ONCE_FILE=path`` it fires only if ``path`` does not exist, and creates it first (so the
-restarted worker survives).
+restarted worker survives). ``BRAINAGE_FAULT_SLOW_EPOCH_S=s`` sleeps ``s`` seconds at the start of every
+epoch (simulates long epochs, e.g. to check that a stopped trial's run is aborted mid-training).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ log = logging.getLogger("brainage_core.training")
 FAULT_KILL_AT_EPOCH = "BRAINAGE_FAULT_KILL_AT_EPOCH"
 FAULT_RANK = "BRAINAGE_FAULT_RANK"
 FAULT_ONCE_FILE = "BRAINAGE_FAULT_ONCE_FILE"
+FAULT_SLOW_EPOCH_S = "BRAINAGE_FAULT_SLOW_EPOCH_S"
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -195,7 +197,11 @@ class EvaluationView(torch.nn.Module):
 
 
 def _maybe_inject_fault(epoch: int, rank: int) -> None:
-    """Test-only: SIGKILL this process at the start of epoch ``BRAINAGE_FAULT_KILL_AT_EPOCH``."""
+    """Test-only: sleep ``BRAINAGE_FAULT_SLOW_EPOCH_S``; SIGKILL this process at the start of epoch
+    ``BRAINAGE_FAULT_KILL_AT_EPOCH``."""
+    slow = os.environ.get(FAULT_SLOW_EPOCH_S)
+    if slow:
+        time.sleep(float(slow))
     at = os.environ.get(FAULT_KILL_AT_EPOCH)
     if not at or int(at) != epoch:
         return

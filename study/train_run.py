@@ -1,0 +1,201 @@
+"""One Ray Train run inside one Tune trial, built to be cheap and stoppable.
+
+A DDP trial (``num_workers > 1``) is a Tune function trial that builds a ``TorchTrainer`` and calls
+``fit()`` (the Train V2 pattern, ray-notes.md). Two things made each such trial cost more than it must
+in Ray 2.60 (``bench/study_overhead.py``):
+
+- **a new trial process per trial.** Tune can reuse a trial's process for the next trial
+  (``reuse_actors``), which saves starting a process and re-importing torch and ``ray.train.torch``
+  (~2.5 CPU-seconds per trial here). But when ASHA stops a trial, Tune keeps the process for the next
+  trial and asks its training thread to finish within ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s); the
+  thread is blocked in ``fit()`` while the Train run goes on, so the reset failed ("Trainable runner
+  reuse requires reset_config() to be implemented and return True") and the next trial errored.
+  :func:`fit_until_stopped` makes the run stoppable: ``fit()`` runs in a helper thread, the trial's
+  thread watches Tune's stop request and, when it comes, drops a flag file that the Train controller
+  (which Train places on the trial's node) sees at its next status poll (:class:`AbortOnStopFlag`) or
+  report (:class:`TuneReportUntilStopped`) and aborts the run: workers killed, placement group freed,
+  ``fit()`` ends. The trial's thread returns at once, so the reset succeeds. The reporter matters:
+  Tune's own ``TuneReportCallback`` waits forever to hand a report to a trial that no longer reads them
+  (a queue of one), which would block the controller before it could see the flag.
+- **an unused dataset-manager process.** Train starts an actor that serves Ray Data shards even when
+  the trainer has no datasets; it imports Ray Data (~1 CPU-second). :class:`LeanTorchTrainer` leaves
+  that callback out when ``datasets`` is empty.
+
+Both rely on interfaces Ray marks as developer or internal APIs (``WorkerGroupCallback``, the trainer's
+default callbacks, the Tune session's stop event); :func:`reuse_supported` checks that they are there
+(Ray is pinned to 2.60.0) and the runner falls back to a new process per DDP trial when they are not.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AbortOnStopFlag", "LeanTorchTrainer", "TuneReportUntilStopped", "fit_until_stopped", "reuse_supported",
+           "stop_flag_path"]
+
+log = logging.getLogger(__name__)
+
+#: how often the trial's thread looks at Tune's stop request while ``fit()`` runs (seconds)
+STOP_POLL_S = 0.1
+#: how long the trial's thread waits for an aborted run to end before returning anyway (seconds); the
+#: helper thread is a daemon and ends on its own once the controller has exited
+ABORT_WAIT_S = 1.5
+
+
+def _tune_session() -> Any:
+    from ray.train._internal.session import get_session
+
+    return get_session()
+
+
+def reuse_supported() -> bool:
+    """Whether this Ray has what a reusable DDP trial needs (see the module docstring)."""
+    try:
+        from ray.train._internal.session import _TrainSession
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: F401
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # noqa: F401
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+        from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback  # noqa: F401 - presence
+    except ImportError:
+        return False
+    return (hasattr(DataParallelTrainer, "_create_default_callbacks") and hasattr(_TrainSession, "reset")
+            and hasattr(TuneReportCallback, "after_report"))
+
+
+def stop_flag_path(trial_id: str) -> Path:
+    """A fresh node-local file path for one Train run's stop flag (the file does not exist yet)."""
+    folder = Path(tempfile.gettempdir()) / "brainage-study-stop"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{trial_id}-{uuid.uuid4().hex[:12]}"
+
+
+def _make_abort_callback_class() -> type:
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class AbortOnStopFlagImpl(WorkerGroupCallback):
+        """In the Train controller: abort the run once ``flag`` exists (checked at each status poll,
+        ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``)."""
+
+        def __init__(self, flag: str):
+            self.flag = flag
+            self.aborting = False
+
+        def after_worker_group_poll_status(self, worker_group_status: Any) -> None:
+            if self.aborting or not Path(self.flag).exists():
+                return
+            self.aborting = True
+            log.info("Tune stopped this trial: aborting its Train run")
+            _abort_this_controller()
+
+    return AbortOnStopFlagImpl
+
+
+def _abort_this_controller() -> None:
+    """Ask the Train controller this runs in to abort (what Ctrl-C on a driver does): it kills the
+    workers, frees the placement group and ends the controller, so ``fit()`` returns in the trial."""
+    import ray
+
+    ray.get_runtime_context().current_actor.abort.remote()
+
+
+def _make_reporter_class() -> type:
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+    from ray.util.queue import Full
+
+    class TuneReportUntilStoppedImpl(TuneReportCallback):
+        """``TuneReportCallback`` that gives up handing a report over once ``flag`` exists."""
+
+        def __init__(self, flag: str):
+            super().__init__()
+            self.flag = flag
+            self.aborting = False
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            item = dict(metrics[0])
+            if checkpoint:
+                item[CHECKPOINT_PATH_KEY] = checkpoint.path
+            while not self.aborting:
+                if Path(self.flag).exists():
+                    self.aborting = True
+                    _abort_this_controller()
+                    return
+                try:
+                    self._training_actor_item_queue.put(item, timeout=STOP_POLL_S)
+                    return
+                except Full:
+                    continue
+
+    return TuneReportUntilStoppedImpl
+
+
+def TuneReportUntilStopped(flag: str | Path) -> Any:  # noqa: N802 - a class factory
+    """Forward rank 0's metrics (and ``checkpoint_path``) to the Tune trial, as ``TuneReportCallback``
+    does, until the run's stop flag appears (then abort the run instead of waiting)."""
+    return _make_reporter_class()(str(flag))
+
+
+def AbortOnStopFlag(flag: str | Path) -> Any:  # noqa: N802 - a class factory (Ray imported lazily)
+    """The controller-side half of :func:`fit_until_stopped` (a Train ``WorkerGroupCallback``)."""
+    return _make_abort_callback_class()(str(flag))
+
+
+def _make_lean_trainer_class() -> type:
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class LeanTorchTrainerImpl(TorchTrainer):
+        """``TorchTrainer`` without the dataset-manager actor when it has no datasets."""
+
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return LeanTorchTrainerImpl
+
+
+def LeanTorchTrainer(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
+    """A ``ray.train.torch.TorchTrainer`` (same arguments) that starts no dataset manager without datasets."""
+    return _make_lean_trainer_class()(*args, **kwargs)
+
+
+def fit_until_stopped(trainer: Any, flag: Path) -> Any:
+    """Run ``trainer.fit()`` until it ends or Tune asks this trial to stop.
+
+    ``trainer`` must carry ``TuneReportUntilStopped(flag)`` and ``AbortOnStopFlag(flag)`` in its
+    ``run_config.callbacks``. Returns fit's
+    result, re-raises its error; returns None when the run was stopped by Tune (ASHA): the flag is
+    written, the controller aborts the run, and this returns within ``ABORT_WAIT_S`` even if the abort
+    is still under way.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the trial's thread
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=target, name="train-fit", daemon=True)
+    runner.start()
+    session = _tune_session()
+    stop_event = getattr(session, "stop_event", None)
+    try:
+        while runner.is_alive():
+            runner.join(STOP_POLL_S)
+            if stop_event is not None and stop_event.is_set() and runner.is_alive():
+                flag.touch()
+                runner.join(ABORT_WAIT_S)
+                return None
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
+    finally:
+        if not runner.is_alive():
+            flag.unlink(missing_ok=True)
