@@ -1,6 +1,6 @@
 """Study overhead: study wall time against the trials' training compute, per-trial overhead in seconds.
 
-``python bench/study_overhead.py [--trials 3] [--epochs 2] [--subjects 40] [--modes intrial,ddp]``
+``python bench/study_overhead.py [--trials 3] [--epochs 2] [--subjects 40] [--modes intrial,ddp] [--repeat 1]``
 runs small real studies (search_spaces/smoke.yaml: 6 mm grid, ResNet-18 width 4, sequential trials) in
 this process through :func:`study.run.run_study`, each on a fresh local Ray, and writes
 ``bench/results/study_overhead.json`` with the machine it ran on.
@@ -22,9 +22,11 @@ Per study (trials run one after another, ``max_concurrent_trials = 1``):
 
 Variants: ``before`` = the settings of the issue-6 runner, ``after`` = the current ones. In-trial:
 ``study.run.REUSE_ACTORS`` (the next trial reuses the trial actor: no new process, no re-import).
-DDP: ``study.ray_runtime.DEFAULT_ENV``'s Train settings (controller polling every 0.2 s instead of 2 s,
-no structured Train logs) against Ray's defaults; actors are never reused there (reusing a trial that
-runs a TorchTrainer is unsafe in Ray 2.60).
+DDP: ``before`` = Ray's default Train settings, a new trial process per trial and Ray's plain
+``TorchTrainer`` (``BRAINAGE_DDP_REUSE=0``); ``after`` = ``study.ray_runtime.DEFAULT_ENV``'s Train
+settings (controller polling every 0.1 s instead of 2 s, no structured Train logs) and
+``study.train_run`` (the trial process reused, stoppable by Tune; no dataset-manager actor). Both DDP
+variants import scikit-learn only on the rank that fits the probes (not switchable).
 """
 
 from __future__ import annotations
@@ -103,10 +105,12 @@ def run_variant(name: str, space: Path, storage: Path, *, reuse: bool, num_cpus:
                 env: dict[str, str] | None = None) -> dict:
     import study.run as runner
     from study.ray_runtime import DEFAULT_ENV
+    from study.train_run import REUSE_ENV
 
     runner.REUSE_ACTORS = reuse
     for key in RAY_TRAIN_DEFAULTS:  # the local Ray started by run_study inherits this environment
         os.environ[key] = (env or {}).get(key, DEFAULT_ENV[key])
+    os.environ[REUSE_ENV] = "1" if reuse else "0"
     init_s = ray_init_time(num_cpus)
     t0 = time.perf_counter()
     study_dir = runner.run_study(space, name=name, storage=storage)
@@ -114,7 +118,8 @@ def run_variant(name: str, space: Path, storage: Path, *, reuse: bool, num_cpus:
     trials = trial_timings(study_dir)
     train_s = sum(t["train_s"] for t in trials)
     n = max(len(trials), 1)
-    return {"variant": name, "reuse_actors": reuse, "train_env": {k: os.environ[k] for k in RAY_TRAIN_DEFAULTS},
+    return {"variant": name, "reuse_actors": reuse,
+            "train_env": {k: os.environ[k] for k in (*RAY_TRAIN_DEFAULTS, REUSE_ENV)},
             "trials": len(trials), "study_wall_s": wall, "ray_init_s": init_s,
             "train_s": train_s, "overhead_per_trial_s": (wall - init_s - train_s) / n,
             "startup_per_trial_s": sum(t["startup_s"] for t in trials) / n,
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subjects", type=int, default=40)
     p.add_argument("--modes", default="intrial,ddp", help="comma list of intrial, ddp")
+    p.add_argument("--repeat", type=int, default=1, help="run every variant this many times (mean/min/max)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -147,14 +153,25 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "intrial":
             variants = [("before", False, None), ("after", True, None)]
         else:
-            variants = [("before", False, RAY_TRAIN_DEFAULTS), ("after", False, None)]
-        for label, reuse, env in variants:
-            result = run_variant(f"{mode}_{label}", space, tmp / "studies", reuse=reuse, num_cpus=num_cpus, env=env)
-            result.update(mode=mode, num_workers=workers)
-            report["studies"].append(result)
-            print(f"[bench] {mode} {label}: wall {result['study_wall_s']:.1f} s, train {result['train_s']:.1f} s, "
-                  f"ray init {result['ray_init_s']:.1f} s, overhead {result['overhead_per_trial_s']:.1f} s/trial "
-                  f"(start-up {result['startup_per_trial_s']:.1f} s)", flush=True)
+            variants = [("before", False, RAY_TRAIN_DEFAULTS), ("after", True, None)]
+        for repeat in range(args.repeat):
+            for label, reuse, env in variants:
+                result = run_variant(f"{mode}_{label}_{repeat}", space, tmp / "studies", reuse=reuse,
+                                     num_cpus=num_cpus, env=env)
+                result.update(mode=mode, num_workers=workers, label=label, repeat=repeat)
+                report["studies"].append(result)
+                print(f"[bench] {mode} {label} #{repeat}: wall {result['study_wall_s']:.1f} s, train "
+                      f"{result['train_s']:.1f} s, ray init {result['ray_init_s']:.1f} s, overhead "
+                      f"{result['overhead_per_trial_s']:.1f} s/trial (start-up {result['startup_per_trial_s']:.1f} s)",
+                      flush=True)
+    summary = {}
+    for study in report["studies"]:
+        summary.setdefault(f"{study['mode']}_{study['label']}", []).append(study["overhead_per_trial_s"])
+    report["overhead_per_trial_s"] = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "runs": v}
+                                      for k, v in summary.items()}
+    for key, value in report["overhead_per_trial_s"].items():
+        print(f"[bench] {key}: overhead per trial {value['mean']:.1f} s (min {value['min']:.1f}, max "
+              f"{value['max']:.1f}, {len(value['runs'])} run(s))", flush=True)
     report["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -23,23 +23,28 @@ in Ray 2.60 (``bench/study_overhead.py``):
 
 Both rely on interfaces Ray marks as developer or internal APIs (``WorkerGroupCallback``, the trainer's
 default callbacks, the Tune session's stop event); :func:`reuse_supported` checks that they are there
-(Ray is pinned to 2.60.0) and the runner falls back to a new process per DDP trial when they are not.
+(Ray is pinned to 2.60.0) and the runner falls back to a new process per DDP trial and Ray's plain
+``TorchTrainer`` when they are not, or when ``BRAINAGE_DDP_REUSE=0`` is set (an escape hatch, and the
+"before" of ``bench/study_overhead.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AbortOnStopFlag", "LeanTorchTrainer", "TuneReportUntilStopped", "fit_until_stopped", "reuse_supported",
-           "stop_flag_path"]
+__all__ = ["REUSE_ENV", "AbortOnStopFlag", "LeanTorchTrainer", "TuneReportUntilStopped", "fit_until_stopped",
+           "reuse_supported", "stop_flag_path"]
 
 log = logging.getLogger(__name__)
 
+#: set to "0" to run DDP trials the plain way (a new trial process each, Ray's TorchTrainer)
+REUSE_ENV = "BRAINAGE_DDP_REUSE"
 #: how often the trial's thread looks at Tune's stop request while ``fit()`` runs (seconds)
 STOP_POLL_S = 0.1
 #: how long the trial's thread waits for an aborted run to end before returning anyway (seconds); the
@@ -54,7 +59,9 @@ def _tune_session() -> Any:
 
 
 def reuse_supported() -> bool:
-    """Whether this Ray has what a reusable DDP trial needs (see the module docstring)."""
+    """Whether this Ray has what a reusable DDP trial needs and ``BRAINAGE_DDP_REUSE`` is not "0"."""
+    if os.environ.get(REUSE_ENV, "1").strip() == "0":
+        return False
     try:
         from ray.train._internal.session import _TrainSession
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: F401

@@ -294,6 +294,7 @@ def train(
     from brainage_core.data.dataset import collate
     from brainage_core.data.sources import resolve_store
     from brainage_core.evaluation import Evaluator
+    from brainage_core.evaluation.probes import load_estimators
     from brainage_core.losses import build_loss
 
     cfg = _as_config(config)
@@ -319,6 +320,8 @@ def train(
     # Built on every rank: it owns the validation split and hence the training rows (per train_on);
     # only rank 0 calls evaluate().
     evaluator = Evaluator(store, cfg.evaluation, train_on=tcfg.train_on, seed=tcfg.seed)
+    if rank == 0:
+        load_estimators()  # only the evaluating rank needs scikit-learn
     dataset = _training_dataset(store, evaluator.training_rows)
     per_rank = len(dataset) // world_size
     if per_rank < local_batch:
