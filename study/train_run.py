@@ -97,17 +97,19 @@ def _make_abort_callback_class() -> type:
                 return
             self.aborting = True
             log.info("Tune stopped this trial: aborting its Train run")
-            _abort_this_controller()
+            _abort_this_controller(self.flag)
 
     return AbortOnStopFlagImpl
 
 
-def _abort_this_controller() -> None:
+def _abort_this_controller(flag: str) -> None:
     """Ask the Train controller this runs in to abort (what Ctrl-C on a driver does): it kills the
-    workers, frees the placement group and ends the controller, so ``fit()`` returns in the trial."""
+    workers, frees the placement group and ends the controller, so ``fit()`` returns in the trial.
+    The flag file has done its work and is removed."""
     import ray
 
     ray.get_runtime_context().current_actor.abort.remote()
+    Path(flag).unlink(missing_ok=True)
 
 
 def _make_reporter_class() -> type:
@@ -129,7 +131,7 @@ def _make_reporter_class() -> type:
             while not self.aborting:
                 if Path(self.flag).exists():
                     self.aborting = True
-                    _abort_this_controller()
+                    _abort_this_controller(self.flag)
                     return
                 try:
                     self._training_actor_item_queue.put(item, timeout=STOP_POLL_S)
