@@ -1,4 +1,4 @@
-"""Helpers of test_export.py and test_predict.py: a trained study folder without Ray, and RAMP rows.
+"""Helpers of the study tests: a trained study folder without Ray, RAMP rows, the module's test Ray.
 
 :func:`trained_study` trains tiny models (resnet18, base width 4, 6 mm grid) with the project's own
 training loop and writes the study folder as the runner does (``config.yaml``, ``results.parquet``
@@ -9,6 +9,7 @@ full-grid synthetic subjects (one row of the kit's width is 14.6 MB: keep them f
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,18 @@ import yaml
 
 from brainage_core.data.prepare import prepare
 from brainage_core.data.synthetic import generate_cohort
+
+
+def start_test_ray() -> str:
+    """Start the local Ray that a test module's studies join (RAY_ADDRESS); returns its GCS address.
+
+    4 logical CPUs on 2 cores (a DDP trial holds 1 + 2 workers), dashboard on (Ray 2.60 left stopped trials'
+    CPUs reserved without it), a small object store. The caller shuts it down (``ray.shutdown()``)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
+             logging_level=logging.WARNING)
+    return ray.get_runtime_context().gcs_address
 
 
 def small_store(root: Path, *, subjects: int = 30, sites: int = 4, seed: int = 0) -> Path:

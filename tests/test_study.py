@@ -9,7 +9,6 @@ BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE (brainage_core.training).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from study_fixtures import start_test_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -33,10 +33,9 @@ pytestmark = pytest.mark.timeout(900)
 def ray_address(tmp_path_factory):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
-             logging_level=logging.WARNING)
+    address = start_test_ray()
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield address
     finally:
         ray.shutdown()
 

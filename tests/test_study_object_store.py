@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from study_fixtures import start_test_ray
 
 from brainage_core.errors import ConfigError, DataError
 from study.storage import StudyFolder, join_location
@@ -74,12 +75,11 @@ def ray_address(s3):
     for key in s3:
         os.environ.pop(key)
     try:
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
-                 logging_level=logging.WARNING)
+        address = start_test_ray()
     finally:
         os.environ.update(s3)
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield address
     finally:
         ray.shutdown()
 
