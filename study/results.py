@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,14 @@ class ResultsTable:
     """The rows of ``results.parquet`` and their atomic writer.
 
     ``static``: columns equal for every row (seed excluded: it is per trial), e.g. store_fingerprint,
-    git_commit, versions. ``param_keys``: the searched dotted keys (column order).
+    git_commit, versions. ``param_keys``: the searched dotted keys (column order). ``on_write``: called
+    after every rewrite of the file (e.g. publishing it to an object store).
     """
 
-    def __init__(self, path: str | Path, *, param_keys: list[str], static: Mapping[str, Any], resume: bool):
+    def __init__(self, path: str | Path, *, param_keys: list[str], static: Mapping[str, Any], resume: bool,
+                 on_write: Callable[[], None] | None = None):
         self.path = Path(path)
+        self.on_write = on_write
         self.param_keys = list(param_keys)
         self.static = dict(static)
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
@@ -147,6 +150,8 @@ class ResultsTable:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         df.to_parquet(tmp, index=False)
         os.replace(tmp, self.path)
+        if self.on_write is not None:
+            self.on_write()
 
 
 def pareto_front(df: pd.DataFrame, objectives: list[str] | tuple[str, ...],
@@ -173,8 +178,10 @@ def pareto_front(df: pd.DataFrame, objectives: list[str] | tuple[str, ...],
 
 
 def write_pareto(study_dir: str | Path, df: pd.DataFrame, objectives: list[str] | tuple[str, ...],
-                 modes: list[str] | tuple[str, ...]) -> pd.DataFrame:
-    """Write ``pareto.csv`` and ``pareto.parquet`` (the :func:`pareto_front` rows) into the study folder."""
+                 modes: list[str] | tuple[str, ...], *,
+                 on_write: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Write ``pareto.csv`` and ``pareto.parquet`` (the :func:`pareto_front` rows) into the study folder;
+    ``on_write(file name)`` is called after each file is in place (e.g. publishing it to an object store)."""
     front = pareto_front(df, objectives, modes)
     study_dir = Path(study_dir)
     for name, writer in (("pareto.parquet", lambda t: front.to_parquet(t, index=False)),
@@ -182,4 +189,6 @@ def write_pareto(study_dir: str | Path, df: pd.DataFrame, objectives: list[str] 
         tmp = study_dir / f".{name}.tmp-{os.getpid()}"
         writer(tmp)
         os.replace(tmp, study_dir / name)
+        if on_write is not None:
+            on_write(name)
     return front

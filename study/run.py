@@ -45,6 +45,7 @@ writing its n-th result row (simulates a crashed driver; never set it in real ru
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
@@ -177,14 +178,10 @@ def _make_callback_class():
             static = {"store_fingerprint": open_store(self.store_path).fingerprint, "git_commit": git_commit(),
                       "versions": package_versions()}
             self.table = ResultsTable(Path(self.study_dir) / "results.parquet", param_keys=self.space.keys,
-                                      static=static, resume=True)
+                                      static=static, resume=True,
+                                      on_write=functools.partial(self.folder.upload, "results.parquet"))
             self.written = 0
             self.started = time.time()
-
-        def sync_results(self) -> None:
-            """Upload results.parquet after a write (a no-op for a local study)."""
-            if self.folder.is_remote and (Path(self.study_dir) / "results.parquet").exists():
-                self.folder.upload("results.parquet")
 
         def _params(self, trial: Any) -> dict[str, Any]:
             return self.space.overrides(trial.config)
@@ -203,7 +200,6 @@ def _make_callback_class():
             seed = int(self.space.trial_dict(trial.config).get("training", {}).get("seed", 0) or 0)
             self.table.add(trial.trial_id, self._params(trial), metrics, seed=seed)
             self.written += 1
-            self.sync_results()
             self.sync_optuna()
             st = self.space.study
             best = self._best()
@@ -219,23 +215,18 @@ def _make_callback_class():
             from study.trial import checkpoint_location
 
             self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
-            self.sync_results()
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             from study.searcher import EARLY_STOPPED
 
             self.table.set_status(trial.trial_id, "pruned" if trial.trial_id in EARLY_STOPPED else "completed")
-            self.sync_results()
             self.print_table(trials)
             self.sync_optuna()
             if self.space.study.multi_objective:
                 from study.results import write_pareto
 
                 st = self.space.study
-                write_pareto(self.study_dir, self.table.frame(), st.objectives, st.modes)
-                if self.folder.is_remote:
-                    for name in ("pareto.csv", "pareto.parquet"):
-                        self.folder.upload(name)
+                write_pareto(self.study_dir, self.table.frame(), st.objectives, st.modes, on_write=self.folder.upload)
 
         def sync_optuna(self) -> None:
             if self.optuna_copy:
@@ -245,7 +236,6 @@ def _make_callback_class():
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.table.set_status(trial.trial_id, "error")
-            self.sync_results()
             self.print_table(trials)
 
         def _best(self) -> tuple[str | None, float | None]:
@@ -447,14 +437,10 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
         from study.results import write_pareto
 
-        front = write_pareto(study_dir, pd.read_parquet(study_dir / "results.parquet"), st.objectives, st.modes)
-        if folder.is_remote:
-            for rel in ("pareto.csv", "pareto.parquet"):
-                folder.upload(rel)
+        front = write_pareto(study_dir, pd.read_parquet(study_dir / "results.parquet"), st.objectives, st.modes,
+                             on_write=folder.upload)
         print(f"[study] Pareto set ({', '.join(st.objectives)}): {len(front)} trial(s) in "
               f"{folder.child('pareto.csv')}", flush=True)
-    if folder.is_remote and (study_dir / "results.parquet").exists():
-        folder.upload("results.parquet")
     errors = [r for r in results if r.error is not None]
     print(f"[study] done: {folder.child('results.parquet')}; {len(errors)} trial(s) failed", flush=True)
     if errors:
