@@ -30,6 +30,7 @@ default callbacks, the Tune session's stop event); :func:`reuse_supported` check
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -81,6 +82,7 @@ def stop_flag_path(trial_id: str) -> Path:
     return folder / f"{trial_id}-{uuid.uuid4().hex[:12]}"
 
 
+@functools.cache  # one class per process (the trial process runs many trials)
 def _make_abort_callback_class() -> type:
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
@@ -112,6 +114,7 @@ def _abort_this_controller(flag: str) -> None:
     Path(flag).unlink(missing_ok=True)
 
 
+@functools.cache  # one class per process (the trial process runs many trials)
 def _make_reporter_class() -> type:
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
     from ray.util.queue import Full
@@ -153,6 +156,7 @@ def AbortOnStopFlag(flag: str | Path) -> Any:  # noqa: N802 - a class factory (R
     return _make_abort_callback_class()(str(flag))
 
 
+@functools.cache  # one class per process (the trial process runs many trials)
 def _make_lean_trainer_class() -> type:
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -178,10 +182,9 @@ def fit_until_stopped(trainer: Any, flag: Path) -> Any:
     """Run ``trainer.fit()`` until it ends or Tune asks this trial to stop.
 
     ``trainer`` must carry ``TuneReportUntilStopped(flag)`` and ``AbortOnStopFlag(flag)`` in its
-    ``run_config.callbacks``. Returns fit's
-    result, re-raises its error; returns None when the run was stopped by Tune (ASHA): the flag is
-    written, the controller aborts the run, and this returns within ``ABORT_WAIT_S`` even if the abort
-    is still under way.
+    ``run_config.callbacks``. Returns fit's result, re-raises its error; returns None when the run was
+    stopped by Tune (ASHA): the flag is written, the controller aborts the run, and this returns within
+    ``ABORT_WAIT_S`` even if the abort is still under way.
     """
     outcome: dict[str, Any] = {}
 
