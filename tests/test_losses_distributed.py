@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_helpers import exit_gloo_worker
 from torch import nn
 
 from brainage_core.losses import build_loss
@@ -74,11 +75,10 @@ def ddp_worker(rank: int, init_file: str, out_file: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(encoder)
             results[name] = run_case(encoder, ddp, inputs[local], ages[local], views, options)
         torch.save(results, f"{out_file}.{rank}")
-        # both ranks leave their last collective before either tears gloo down (otherwise a rank can
-        # abort with "terminate called without an active exception" while its peer still talks to it)
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_gloo_worker()
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

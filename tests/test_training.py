@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gloo_helpers import exit_gloo_worker
 
 from brainage_core.data.prepare import prepare
 from brainage_core.data.synthetic import generate_cohort
@@ -294,9 +295,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out: str, resu
         metrics = train(cfg, out, rank=rank, world_size=world_size,
                         callback=lambda m, d: seen.append([m["epoch"], None if d is None else str(d)]))
         Path(results, f"{rank}.json").write_text(json.dumps({"metrics": metrics, "seen": seen}))
-        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_gloo_worker()
 
 
 def test_two_rank_ddp_on_gloo(store_path, tmp_path):
