@@ -150,7 +150,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The loss (``brainage_core.losses.build_loss``); see ``shared/docs/losses.md``.
+    """The loss (``brainage_core.losses.build_loss``); see ``docs/losses.md``.
 
     ``kernel`` defaults to ``rbf`` for the methods that need one (yaware, threshold, expw) and to
     None for the others; ``form`` None means the method's default (``reference``);

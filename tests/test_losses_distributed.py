@@ -1,4 +1,4 @@
-"""Distributed equivalence of the contrastive losses (../shared/docs/losses.md, "Distributed data
+"""Distributed equivalence of the contrastive losses (docs/losses.md, "Distributed data
 parallel"): two gloo processes on CPU, each with half of the batch under DDP and gather_distributed
 left at None (on, since the process group is initialised with world size 2), give the parameter
 gradients of one process on the concatenated batch, and the mean of their losses equals its loss."""

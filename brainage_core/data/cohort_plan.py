@@ -1,8 +1,8 @@
 """The per-site structure of the synthetic cohort: who is scanned where, at what age, in which split.
 
 The real OpenBHB figures (64 ``siteXacq`` sites, per-split counts, age quantiles, share of women,
-field strength, study) ship as package data in ``site_stats.json`` (a copy of
-``../shared/data/openbhb_site_stats.json``; the package never reads the shared folder at run time).
+field strength, study) ship as package data in ``site_stats.json``, measured on the public OpenBHB
+release (``docs/synthetic-cohort.md``, "Who is scanned where").
 
 :func:`plan_cohort` turns them into a *plan*: one row per subject with its participant id, age, sex,
 site and split — everything the participants table holds except the volume figures, which

@@ -1,6 +1,6 @@
 """The synthetic multi-site OpenBHB-like cohort (``python -m brainage_core.data synth``).
 
-The generative model is the one of ``../shared/docs/synthetic-cohort.md``; per subject with age a,
+The generative model is the one of ``docs/synthetic-cohort.md`` (version 2); per subject with age a,
 sex and site s (all randomness from the cohort seed and the subject's plan index, so any subject can
 be regenerated alone):
 
@@ -27,9 +27,9 @@ be regenerated alone):
    smooth bias field (amplitude U(2 %, 8 %), ×U(0.7, 1.3) per subject), gain ``1 + N(0, 0.06)``,
    offset N(0, 0.01), smoothed noise SD ``0.005 + U(0, 0.03)``; clip at 0; × dilated brain mask.
 
-Departures from ``../shared/docs/synthetic-cohort.md`` (documented with their measurements in
-``docs/realism.md``): the regional segmentation fields of step 4, and segmentation after ageing (the doc
-segments before ageing). With only the doc's scalar site effects, a ridge trained on 56 sites became
+Departures from the first version of the model (documented with their measurements in
+``docs/realism.md``): the regional segmentation fields of step 4, and segmentation after ageing
+(version 1 segmented before ageing). With only version 1's scalar site effects, a ridge trained on 56 sites became
 invariant to them and unseen sites were not predicted worse than seen ones.
 
 ``strength`` multiplies every site deviation *from the cohort average* (registration shift,

@@ -1,4 +1,4 @@
-"""Write a trained model as a RAMP submission for the brain-age challenge (``../shared/docs/openbhb.md``).
+"""Write a trained model as a RAMP submission for the brain-age challenge (``docs/evaluation.md``).
 
 A submission folder holds:
 

@@ -1,4 +1,4 @@
-"""Contrastive regression losses and supervised baselines (``../shared/docs/losses.md``).
+"""Contrastive regression losses and supervised baselines (``docs/losses.md``).
 
 ``build_loss(method, ...)`` returns an ``nn.Module``. Contrastive methods are called as
 ``loss(features (B, V, d), ages (B,) years)``, with features L2-normalised except for ``rnc``;

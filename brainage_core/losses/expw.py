@@ -1,7 +1,7 @@
 """The exponential loss L^exp of the seed paper (its proposed loss), in its two forms.
 
 Seed paper: Barbano et al., "Contrastive learning for regression in multi-site brain age prediction",
-IEEE ISBI 2023. The common kernel-weighted form (``../shared/docs/losses.md``), s_ab = z_a·z_b/τ,
+IEEE ISBI 2023. The common kernel-weighted form (``docs/losses.md``), s_ab = z_a·z_b/τ,
 W_ab = K(y_a − y_b)::
 
     L = (1/N) · Σ_a −(τ/τ₀) · Σ_{k≠a} [W_ak / Σ_{t≠a} W_at] · (num_ak − log D_a)

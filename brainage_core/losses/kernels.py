@@ -1,4 +1,4 @@
-"""Age kernels K(d) of the kernel-weighted contrastive losses (``../shared/docs/losses.md``).
+"""Age kernels K(d) of the kernel-weighted contrastive losses (``docs/losses.md``).
 
 ``d`` is an age difference in years; every kernel is symmetric and decreasing in ``|d|``:
 

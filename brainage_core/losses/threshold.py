@@ -2,7 +2,7 @@
 
 Seed paper: Barbano et al., "Contrastive learning for regression in multi-site brain age prediction",
 IEEE ISBI 2023 (losses L^thr and L^exp). The common kernel-weighted form
-(``../shared/docs/losses.md``), s_ab = z_a·z_b/τ, W_ab = K(y_a − y_b)::
+(``docs/losses.md``), s_ab = z_a·z_b/τ, W_ab = K(y_a − y_b)::
 
     L = (1/N) · Σ_a −(τ/τ₀) · Σ_{k≠a} [W_ak / Σ_{t≠a} W_at] · (s_ak − log D_ak)
 
