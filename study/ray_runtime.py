@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 
+from study import compat
 from study.space import Resources
 
 __all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "start_ray", "DEFAULT_ENV"]
@@ -88,10 +89,7 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        try:  # the dashboard of the Ray this process already joined (private API: best effort)
-            url = ray._private.worker.global_worker.node.webui_url
-        except AttributeError:
-            url = None
+        url = compat.joined_dashboard_url()  # the dashboard of the Ray this process already joined
         return RayInfo(_url(url), False, ray.cluster_resources().get("CPU", 0.0), auth_token_location())
     if address:
         context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)

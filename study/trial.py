@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study import compat
 from study.space import SearchSpace
 from study.storage import StudyFolder, is_uri, join_location
 
@@ -281,12 +282,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(payload)
 
     logging.getLogger("brainage_core").setLevel(logging.WARNING)
-    try:  # Train V2 logs every report's full metrics at INFO under a logger named by its file path
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - another Ray version
-        pass
+    report_logger = compat.train_report_logger_name()  # Train V2 logs every report's metrics at INFO
+    if report_logger is not None:
+        logging.getLogger(report_logger).setLevel(logging.WARNING)
     train(loop_config["config"], loop_config["out_dir"], callback=callback, rank=rank, world_size=world_size,
           device=loop_config["device"], resume_from=resume_from)
     if rank == 0:
