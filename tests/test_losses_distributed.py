@@ -1,5 +1,5 @@
-"""Distributed equivalence of the contrastive losses (docs/losses.md, "Distributed data
-parallel"): two gloo processes on CPU, each with half of the batch under DDP and gather_distributed
+"""Distributed equivalence of the contrastive losses (docs/losses.md, "Under
+DDP"): two gloo processes on CPU, each with half of the batch under DDP and gather_distributed
 left at None (on, since the process group is initialised with world size 2), give the parameter
 gradients of one process on the concatenated batch, and the mean of their losses equals its loss."""
 

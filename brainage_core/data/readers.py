@@ -1,4 +1,4 @@
-"""Readers of the three source layouts (see ``docs/evaluation.md``).
+"""Readers of the three source layouts (see ``docs/evaluation.md``, "The data set").
 
 * ``openbhb`` — per-subject: ``participants.tsv`` at the root and, per subject,
   ``<train|val>/derivatives/sub-<id>/ses-*/sub-<id>_preproc-cat12vbm_desc-gm_T1w.npy``

@@ -1,4 +1,4 @@
-"""The challenge's linear probes on frozen features (``docs/evaluation.md``, "Evaluation protocol").
+"""The challenge's linear probes on frozen features (``docs/evaluation.md``, "Probes").
 
 - Age: ``Ridge``, alpha in {0.01, 0.1, 1, 10, 100}, chosen by 5-fold grid search on r².
 - Site: ``LogisticRegression(solver="saga", max_iter=150)``, C in {0.01, 0.1, 1, 10, 100}, chosen by

@@ -21,8 +21,7 @@ import math
 import torch
 
 from brainage_core.errors import LossError
-
-KERNELS: tuple[str, ...] = ("gaussian", "rbf", "cauchy")
+from brainage_core.loss_registry import KERNELS
 
 
 def check_positive(name: str, value: float) -> float:

@@ -31,12 +31,12 @@ import math
 import torch
 
 from brainage_core.errors import LossError
+from brainage_core.loss_registry import DELTA_REDUCTIONS, METHODS
 from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss
 from brainage_core.losses.kernels import AgeKernel
 from brainage_core.losses.ranking import ranked_log_denominators, tie_group_bounds
 
-THRESHOLD_FORMS: tuple[str, ...] = ("reference", "paper")
-DELTA_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+THRESHOLD_FORMS: tuple[str, ...] = METHODS["threshold"].forms
 
 
 class ThresholdLoss(KernelWeightedLoss):
