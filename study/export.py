@@ -284,7 +284,8 @@ def export_top_k(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python study/export.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python study/export.py", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     parser.add_argument("study_dir", metavar="STUDY_DIR", help="study folder written by study/run.py")
     parser.add_argument("--out", required=True, help="submission folder, e.g. ramp-submission/NAME")
     parser.add_argument("--rank", type=int, default=1, help="which trial to export (1 = best; default 1)")
