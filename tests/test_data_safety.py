@@ -167,3 +167,23 @@ def test_abbreviated_options_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse_args(["space.yaml", "--resum"])
     assert "--resum" in capsys.readouterr().err
+
+
+def test_ramp_rows_site_column_is_the_challenge_label():
+    """Case 5: the kit's problem.py reads `site` as the 64-class label; the raw code (up to 65) crashed it."""
+    import pandas as pd
+
+    from brainage_core.data.ramp_rows import _kit_table
+    from brainage_core.data.tables import normalise_table
+
+    store_rows = pd.DataFrame({"participant_id": ["a", "b"], "age": [20.0, 30.0], "sex": ["F", "M"],
+                               "site": ["3", "63"], "site_raw": ["65", "7"], "split": ["train", "train"],
+                               "row": [0, 1], "source_path": ["x", "y"]})
+    kit = _kit_table(store_rows)
+    assert kit["site"].tolist() == ["3", "63"] and kit["siteXacq"].tolist() == ["3", "63"]
+    assert kit["site_raw"].tolist() == ["65", "7"]
+    back = normalise_table(kit)  # what prepare --layout ramp reads from it
+    assert back["site"].tolist() == ["3", "63"] and back["site_raw"].tolist() == ["65", "7"]
+    bad = store_rows.assign(site=["S0", "3"])
+    with pytest.raises(StoreError, match="participant 'a' has site label 'S0'; expected .* integer 0-63"):
+        _kit_table(bad)
