@@ -133,7 +133,8 @@ def normalise_table(table: pd.DataFrame, *, default_split: str | None = "train")
 
     Columns: ``participant_id`` (str), ``age`` (float64, NaN where not a number), ``sex`` (str),
     ``site`` (str: ``siteXacq`` where the source has it, else ``site``, else ``"unknown"``),
-    ``site_raw`` (the source's ``site_raw`` where it has one, as ``ramp-rows`` writes, else its ``site``), ``split`` (as written in the source, lower-cased; or
+    ``site_raw`` (the source's ``site_raw`` where it has one, as ``ramp-rows`` writes, else its ``site``),
+    ``split`` (as written in the source, lower-cased; or
     ``default_split`` when the column is absent) and ``age_raw`` (the original cell, for messages),
     followed by every other source column. A table without an ``age`` column (read with
     ``require_age=False``) gets NaN ages. Nothing is validated here (see :func:`row_problems`).
