@@ -47,7 +47,8 @@ from study.space import SearchSpace
 from study.storage import StudyFolder, is_uri, join_location
 
 __all__ = ["TrialInputError", "input_error_of", "one_line", "TrialSpec", "run_trial", "train_worker",
-           "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID", "checkpoint_location", "local_checkpoint_dir", "fetch_logs", "publish_logs"]
+           "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID", "checkpoint_location",
+           "local_checkpoint_dir", "fetch_logs", "publish_logs"]
 
 CHECKPOINT_PATH = "checkpoint_path"
 #: reported with every evaluation: the Ray node that ran the trial's training (rank 0 under DDP)
