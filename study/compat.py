@@ -24,7 +24,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr",
+__all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr", "controller_start_method",
+           "failure_policy_classes",
            "datasets_callback_class", "default_callbacks_method", "enable_token_auth", "joined_dashboard_url",
            "missing", "optuna_completed", "optuna_intermediate_values", "optuna_study", "optuna_trials",
            "report_queue", "train_report_logger_name", "tune_session", "worker_group_callback_class"]
@@ -62,6 +63,12 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "the dataset-manager callback left out when a trainer has no datasets"),
     PrivateSymbol("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._create_default_callbacks",
                   "class attribute", "study/train_run.py", "overridden to drop the dataset manager"),
+    PrivateSymbol("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._initialize_and_run_controller",
+                  "class attribute", "study/train_run.py", "overridden to install the no-retry failure policy"),
+    PrivateSymbol("ray.train.v2._internal.execution.failure_handling", "DefaultFailurePolicy", "import",
+                  "study/train_run.py", "the base of the policy that does not retry configuration/data errors"),
+    PrivateSymbol("ray.train.v2._internal.execution.failure_handling", "FailureDecision", "import",
+                  "study/train_run.py", "the decision RAISE returned for a deterministic worker error"),
     PrivateSymbol("ray.tune.integration.ray_train", "TuneReportCallback.__init__:_training_actor_item_queue",
                   "instance attribute", "study/train_run.py", "the queue a report is handed to, with a timeout"),
     PrivateSymbol("ray.train.v2._internal.execution", "context", "import", "study/trial.py",
@@ -154,6 +161,19 @@ def datasets_callback_class() -> type:
 def default_callbacks_method() -> str:
     """The name of the trainer method building Train's default callbacks (overridden by a subclass)."""
     return "_create_default_callbacks"
+
+
+def controller_start_method() -> str:
+    """The name of the trainer method that builds and runs the Train controller (its keyword arguments
+    include ``failure_policy``)."""
+    return "_initialize_and_run_controller"
+
+
+def failure_policy_classes() -> tuple[type, Any]:
+    """Train V2's ``DefaultFailurePolicy`` class and its ``FailureDecision`` enum."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+
+    return DefaultFailurePolicy, FailureDecision
 
 
 def report_queue(callback: Any) -> Any:

@@ -50,7 +50,7 @@ _LOWER_IS_BETTER = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/final.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python study/final.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("study_dir", help="a study folder written by study/run.py")
     p.add_argument("--top-k", type=int, default=3, help="configurations to retrain (default 3)")
     p.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")

@@ -132,7 +132,8 @@ def predict_cohort(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="brainage-predict-") as scratch:
         prepared = prepare(cohort, layout=layout, out=store or Path(scratch) / "store", grid=grid,
-                           resample=resample, on_error=on_error, progress=False, require_age=False)
+                           resample=resample, on_error=on_error, progress=False, require_age=False,
+                           allow_missing_site=True)  # prediction has no site probe
         parts = []
         for split in prepared.splits:
             table = prepared.table(split)
@@ -163,7 +164,8 @@ def predict_cohort(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python study/predict.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python study/predict.py", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     parser.add_argument("submission", metavar="SUBMISSION_DIR",
                         help="folder written by study/export.py (or its copy at s3://... / gs://...)")
     parser.add_argument("cohort", metavar="COHORT", help="cohort folder (nifti layout: or its participants table)")

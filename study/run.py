@@ -75,7 +75,7 @@ CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("space", help="search-space YAML (see search_spaces/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides a.b=c (study.* keys set the study block)")
     p.add_argument("--name", help="study name (default: the YAML's file stem)")

@@ -21,9 +21,13 @@ in Ray 2.60 (``bench/study_overhead.py``):
   the trainer has no datasets; it imports Ray Data (~1 CPU-second). :class:`LeanTorchTrainer` leaves
   that callback out when ``datasets`` is empty.
 
-Both rely on interfaces Ray marks as developer or internal APIs (``WorkerGroupCallback``, the trainer's
-default callbacks, the Tune session's stop event), reached through :mod:`study.compat` only;
-:func:`reuse_supported` checks that they are there
+A third: a worker error that is deterministic (a configuration or data error, a non-finite loss:
+``study.trial.input_error_of``) does not restart the worker group ``max_failures`` times; the
+failure policy of :class:`LeanTorchTrainer` raises it at once (worker deaths are still retried).
+
+All rely on interfaces Ray marks as developer or internal APIs (``WorkerGroupCallback``, the trainer's
+default callbacks and controller start, Train's failure policy, the Tune session's stop event), reached
+through :mod:`study.compat` only; :func:`reuse_supported` checks that they are there
 (Ray is pinned to 2.60.0) and the runner falls back to a new process per DDP trial and Ray's plain
 ``TorchTrainer`` when they are not, or when ``BRAINAGE_DDP_REUSE=0`` is set (an escape hatch, and the
 "before" of ``bench/study_overhead.py``).
@@ -155,6 +159,13 @@ def _make_lean_trainer_class() -> type:
     datasets_callback = compat.datasets_callback_class()
     method = compat.default_callbacks_method()
     inherited = getattr(TorchTrainer, method)
+    start_method = compat.controller_start_method()
+    inherited_start = getattr(TorchTrainer, start_method)
+
+    def start_controller(self: Any, **kwargs: Any) -> Any:
+        if "failure_policy" in kwargs:
+            kwargs["failure_policy"] = _make_failure_policy_class()(self.run_config.failure_config)
+        return inherited_start(self, **kwargs)
 
     def default_callbacks(self: Any) -> list:
         callbacks = inherited(self)
@@ -164,8 +175,30 @@ def _make_lean_trainer_class() -> type:
 
     return type("LeanTorchTrainerImpl", (TorchTrainer,), {
         method: default_callbacks,
-        "__doc__": "``TorchTrainer`` without the dataset-manager actor when it has no datasets.",
+        start_method: start_controller,
+        "__doc__": "``TorchTrainer`` without the dataset-manager actor when it has no datasets, whose failure "
+                   "policy does not retry deterministic worker errors.",
     })
+
+
+@functools.cache
+def _make_failure_policy_class() -> type:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    DefaultFailurePolicy, FailureDecision = compat.failure_policy_classes()  # noqa: N806 - classes
+
+    class NoRetryOnInputErrorImpl(DefaultFailurePolicy):
+        """Train's default policy, except that a worker group failing with a configuration / data error or a
+        non-finite loss on any rank is not restarted (it would fail the same way)."""
+
+        def make_decision(self, training_failed_error: Any) -> Any:
+            from study.trial import input_error_of
+
+            if isinstance(training_failed_error, WorkerGroupError) and input_error_of(training_failed_error):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return NoRetryOnInputErrorImpl
 
 
 def LeanTorchTrainer(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory

@@ -20,6 +20,12 @@ its last metrics re-reported by ``train`` (nothing left to train), without copyi
 again (``checkpoint_path`` names the stored one). Checkpoint retention: ``checkpoints_to_keep`` best by
 the objective (Train's / Tune's ``CheckpointConfig``; the latest is always kept as well).
 
+Configuration and data errors (``BrainageError``) and a diverging run (``NonFiniteLossError``) are
+deterministic: a trial that raises one fails once with :class:`TrialInputError` (one line: the cause),
+which the driver does not retry (``study.run``), and a DDP trial's Train run does not restart its
+workers for it (``study.train_run``). :func:`input_error_of` finds such a cause in any wrapper Ray puts
+around it.
+
 Study folders on object stores (``study_dir`` a URI, :mod:`study.storage`): Tune's and Train's storage
 paths are URIs (Ray writes checkpoints through pyarrow), a restored checkpoint is downloaded
 (``Checkpoint.to_directory``), ``train`` writes into a node-local work folder and the trial uploads its
@@ -41,8 +47,9 @@ from study import compat
 from study.space import SearchSpace
 from study.storage import StudyFolder, is_uri, join_location
 
-__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID",
-           "checkpoint_location", "local_checkpoint_dir", "fetch_logs", "publish_logs"]
+__all__ = ["TrialInputError", "input_error_of", "one_line", "TrialSpec", "run_trial", "train_worker",
+           "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID", "checkpoint_location",
+           "local_checkpoint_dir", "fetch_logs", "publish_logs"]
 
 CHECKPOINT_PATH = "checkpoint_path"
 #: reported with every evaluation: the Ray node that ran the trial's training (rank 0 under DDP)
@@ -50,6 +57,44 @@ NODE_ID = "node_id"
 #: key of a trial config holding {dotted key: value} set after the sampled parameters (study/final.py:
 #: training.seed, training.train_on); Optuna never sees it
 EXTRA_OVERRIDES = "_overrides"
+
+
+class TrialInputError(RuntimeError):
+    """A trial failed for a deterministic reason (bad configuration or data, a non-finite loss): retrying
+    it would fail the same way. ``str()`` is the one-line cause, ``ClassName: message``."""
+
+
+def input_error_of(exc: BaseException | None) -> BaseException | None:
+    """The configuration / data / non-finite-loss error behind ``exc``, or None.
+
+    Looks through what Ray wraps a user error in: ``RayTaskError.cause``, Train's
+    ``UserExceptionWithTraceback`` (``_base_exc``), ``WorkerGroupError.worker_failures`` (any rank) and
+    the ``__cause__`` / ``__context__`` chain."""
+    from brainage_core.errors import BrainageError, NonFiniteLossError
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, TrialInputError | BrainageError | NonFiniteLossError):
+            return current
+        todo += [getattr(current, "cause", None), getattr(current, "_base_exc", None),
+                 current.__cause__, current.__context__]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += [failures[k] for k in sorted(failures)]
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """``ClassName: message`` on one line (a TrialInputError: its message as is)."""
+    if isinstance(exc, TrialInputError):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"
 
 
 @dataclass(frozen=True)
@@ -149,10 +194,16 @@ def run_trial(sampled: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config_dict(spec, sampled)
-    if spec.space.study.resources.num_workers > 1:
-        _run_torch_trainer(config, spec, trial_id)
-    else:
-        _run_in_trial(config, spec, trial_id)
+    try:
+        if spec.space.study.resources.num_workers > 1:
+            _run_torch_trainer(config, spec, trial_id)
+        else:
+            _run_in_trial(config, spec, trial_id)
+    except Exception as exc:
+        cause = input_error_of(exc)
+        if cause is None:
+            raise
+        raise TrialInputError(one_line(cause)) from None
 
 
 # --------------------------------------------------------------------------------------------------

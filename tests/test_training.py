@@ -180,6 +180,15 @@ def test_non_finite_loss_names_epoch_step_and_value(store_path, tmp_path, monkey
         train(make_config(store_path), tmp_path / "run")
 
 
+def test_huge_learning_rate_is_a_non_finite_loss_error(store_path, tmp_path):
+    """Issue 12, case 6: optimizer.lr=1e6 surfaced as a LossError about non-normalised features."""
+    cfg = make_config(store_path, optimizer={"name": "adam", "lr": 1.0e6, "weight_decay": 0.0},
+                      training={"epochs": 3})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite or degenerate model output .* at epoch \d+, step \d+ .*"
+                                                 r"optimizer\.lr=1e\+06"):
+        train(cfg, tmp_path / "run")
+
+
 def test_supervised_l1_sgd_bf16_clip_warmup(store_path, tmp_path):
     cfg = make_config(
         store_path,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainage_core.data.tables import Problem, file_digest, find_table, normalise_table, read_table
+from brainage_core.data.tables import SPLIT_ALIASES, Problem, file_digest, find_table, normalise_table, read_table
 from brainage_core.errors import ConfigError, DataError
 from brainage_core.grids import GRID_FACTORS, GRID_NAMES, GRID_SHAPES, block_average, grid_affine, grid_of_shape
 
@@ -95,7 +95,7 @@ def standardise_volume(array: np.ndarray, *, target: str | None, modality: str =
     of the grids (``quasiraw``: 182×218×182 only). ``target`` None keeps the source grid.
     Returns (float32 or float64 volume (D, H, W) on the target grid, source grid name).
     Raises :class:`VolumeRejected` with the reason (wrong dtype/shape, non-finite voxels, grid
-    coarser than the target, values beyond float16 range).
+    coarser than the target, values beyond float16 range, every voxel zero).
     """
     if not np.issubdtype(array.dtype, np.floating):
         raise VolumeRejected(f"array dtype {array.dtype}; expected a floating-point array")
@@ -121,6 +121,8 @@ def standardise_volume(array: np.ndarray, *, target: str | None, modality: str =
         bad = int(finite.size - np.count_nonzero(finite))
         first = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise VolumeRejected(f"{bad} non-finite voxel(s) (first at {first}); expected finite values")
+    if not np.any(vol):
+        raise VolumeRejected("every voxel is 0 (an empty image); expected a brain volume")
     target = target or source
     if source != target:
         if source == QUASIRAW_GRID or target == QUASIRAW_GRID:
@@ -286,6 +288,14 @@ class RampReader(Reader):
                     f"{table_path}: no 'split' column; expected internal_test or external_test on every row"
                 )
             table = normalise_table(raw, default_split="train")
+            if part == "test":  # a test row must never reach the training split
+                for i, value in enumerate(table["split"]):
+                    if SPLIT_ALIASES.get(str(value)) == "train":
+                        pid = str(table["participant_id"].iloc[i])
+                        problems[offset + i] = Problem(
+                            pid, f"{npy}#{i}", f"split {value!r} in {table_path.name}: a test row cannot be a "
+                            "training subject; expected internal_test or external_test"
+                        )
             if not npy.is_file():
                 raise DataError(f"{npy}: missing; expected the flat array matching {table_path.name}")
             array = self._open_array(npy)

@@ -436,6 +436,20 @@ def train(
             with _cpu_bf16_guard(device, bf16):
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = net(batch)
+                # Diverged weights give NaN/inf or all-zero embeddings (dead units; a normalised zero vector
+                # stays zero), which the loss would report as a bad input (not L2-normalised); say what
+                # happened instead. The flag is reduced so that every rank stops at the same step.
+                healthy = torch.isfinite(out.detach()).all()
+                if not supervised:
+                    flat = out.detach().float().reshape(out.shape[0], -1)
+                    healthy = healthy & (torch.linalg.vector_norm(flat, dim=1) > 1e-12).all()
+                if all_reduce_mean(healthy.to(torch.float32)).item() < 1.0:
+                    raise NonFiniteLossError(
+                        f"non-finite or degenerate model output (NaN/inf or all-zero embeddings) at epoch {epoch}, "
+                        f"step {step} on rank {rank}: the weights diverged; loss.method={method!r}, "
+                        f"optimizer.lr={cfg.optimizer.lr:g}: expected a finite loss (lower the learning rate, "
+                        "enable training.grad_clip or check the data)"
+                    )
                 if supervised:
                     loss = loss_fn(out.float(), y)
                 else:
