@@ -255,13 +255,26 @@ def _make_callback_class():
     return StudyCallbackImpl
 
 
+def _fmt_pair(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}")
+
+
 def progress_table(df: Any, space: SearchSpace) -> str:
-    """One line per trial: status, last epoch, parameters, last and best objective; best trial marked."""
+    """One line per trial: status, last epoch, parameters, the last evaluation's validation MAEs next to
+    their constant baselines and BAcc next to chance (``4.1/9.3``: model/baseline, when the results have
+    them), last and best objective; best trial marked."""
     st = space.study
     if df is None or len(df) == 0:
         return "[study] no results yet"
     lines = []
-    header = ["trial", "status", "epoch", *space.keys, st.objective, f"best {st.objective}"]
+    pairs = [(m, b) for m, b in (("val_mae_int", "val_mae_int_const"), ("val_mae_ext", "val_mae_ext_const"),
+                                 ("val_bacc", "val_bacc_chance")) if m in df.columns and b in df.columns]
+    header = ["trial", "status", "epoch", *space.keys, *[f"{m[4:]}/{'chance' if 'bacc' in m else 'const'}"
+                                                           for m, _ in pairs], st.objective, f"best {st.objective}"]
     rows = []
     best_trial, best_value = None, None
     for trial_id, g in df.groupby("trial_id", sort=False):
@@ -270,6 +283,7 @@ def progress_table(df: Any, space: SearchSpace) -> str:
         trial_best = (values.min() if st.mode == "min" else values.max()) if len(values) else None
         last = g.iloc[-1]
         rows.append([trial_id, last["status"], last["epoch"], *[last.get(f"param.{k}") for k in space.keys],
+                     *[f"{_fmt_pair(last.get(m))}/{_fmt_pair(last.get(b))}" for m, b in pairs],
                      last.get(st.objective), trial_best])
         if trial_best is not None and (best_value is None or (trial_best < best_value if st.mode == "min"
                                                               else trial_best > best_value)):

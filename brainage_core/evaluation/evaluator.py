@@ -8,6 +8,12 @@ minus the validation parts), scored on the internal part (MAE, RMSE, site BAcc) 
 scored on ``internal_test`` (MAE, RMSE, BAcc) and ``external_test`` (MAE, RMSE); ``test_lc`` uses
 n_sites = the number of sites of the store (64 on OpenBHB).
 
+Constant baselines, per evaluation, so a reader can tell whether anything was learned:
+``<prefix>_mae_int_const`` / ``<prefix>_mae_ext_const`` are the MAEs (years) of predicting, for every
+subject of the scored part, the median age of the rows the age probe was fit on (the same rows, the
+same split); ``<prefix>_bacc_chance`` is the chance balanced accuracy of that part, 1 / (number of
+sites present in it), i.e. from the cohort's own site count, not the challenge's 64.
+
 Probes are never fit on test subjects. ``leaked`` is True when the model was trained on test subjects
 (``training.train_on: all``, or a participant id present both in the training rows and a test split);
 every test metric of that evaluation must then be reported as leaked. Missing parts (no test splits,
@@ -36,6 +42,8 @@ TEST_SPLITS = ("internal_test", "external_test")
 METRIC_SUFFIXES = (
     "mae_int",
     "mae_ext",
+    "mae_int_const",
+    "mae_ext_const",
     "rmse_int",
     "rmse_ext",
     "bacc",
@@ -148,19 +156,23 @@ class Evaluator:
         internal: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         external: tuple[np.ndarray, np.ndarray] | None,
         n_sites: int,
+        fit_ages: np.ndarray | None = None,
     ) -> dict[str, float]:
         nan = math.nan
+        const = float(np.median(fit_ages)) if fit_ages is not None and fit_ages.size else nan
         m = {f"{prefix}_{k}": nan for k in METRIC_SUFFIXES}
         if internal is not None and internal[0].shape[0]:
             X, ages, sites = internal
             pred = age_probe.predict(X)
             m[f"{prefix}_mae_int"], m[f"{prefix}_rmse_int"] = mae(ages, pred), rmse(ages, pred)
+            m[f"{prefix}_mae_int_const"] = mae(ages, np.full_like(ages, const))
             m[f"{prefix}_bacc"] = balanced_accuracy(sites, site_probe.predict(X))
             m[f"{prefix}_bacc_chance"] = chance_balanced_accuracy(sites)
         if external is not None and external[0].shape[0]:
             X, ages = external
             pred = age_probe.predict(X)
             m[f"{prefix}_mae_ext"], m[f"{prefix}_rmse_ext"] = mae(ages, pred), rmse(ages, pred)
+            m[f"{prefix}_mae_ext_const"] = mae(ages, np.full_like(ages, const))
         scores = challenge_scores(m[f"{prefix}_mae_int"], m[f"{prefix}_mae_ext"], m[f"{prefix}_bacc"], n_sites)
         m.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return m
@@ -190,6 +202,7 @@ class Evaluator:
                 (train_X[vi], train_ages[vi], train_sites[vi]),
                 (train_X[ve], train_ages[ve]),
                 n_train_sites,
+                fit_ages=train_ages[fit],
             )
         else:
             val = self._score("val", None, None, None, None, n_train_sites)
@@ -207,7 +220,8 @@ class Evaluator:
                 table = self.store.table("external_test")
                 rows = table["row"].to_numpy(dtype=np.int64)
                 external = (self._features(model, "external_test", rows, device), self._labels(table, rows)[0])
-            test = self._score("test", age_probe, site_probe, internal, external, len(self.store.site_labels))
+            test = self._score("test", age_probe, site_probe, internal, external, len(self.store.site_labels),
+                               fit_ages=train_ages)
         else:
             test = self._score("test", None, None, None, None, len(self.store.site_labels))
 
