@@ -89,10 +89,13 @@ def optuna_storage_url(study_dir: str | Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'optuna.db'}"
 
 
-def build_searcher(space: SearchSpace, study_dir: str | Path, study_name: str, *,
-                   storage_url: str | None = None) -> StudyOptunaSearch:
+def build_searcher(space: SearchSpace, study_dir: str | Path | None, study_name: str, *,
+                   storage_url: str | None = None,
+                   storage: optuna.storages.BaseStorage | None = None) -> StudyOptunaSearch:
     """The Optuna searcher of a study: define-by-run space (conditionals), sampler by ``study.searcher``
-    seeded with ``study.seed``, storage ``storage_url`` (default sqlite at ``<study_dir>/optuna.db``).
+    seeded with ``study.seed``, storage ``storage_url`` (default sqlite at ``<study_dir>/optuna.db``), or
+    an Optuna ``storage`` object instead (e.g. ``InMemoryStorage`` for the in-process replays of
+    ``bench/search_efficiency.py``; ``study_dir`` may then be None).
 
     Several ``study.objectives``: metric and mode are lists (Optuna multi-objective: ``nsga2`` is
     NSGA-II, ``tpe`` multi-objective TPE); ASHA prunes on ``study.objective`` (= ``prune_on``)."""
@@ -105,7 +108,8 @@ def build_searcher(space: SearchSpace, study_dir: str | Path, study_name: str, *
         sampler = optuna.samplers.RandomSampler(seed=st.seed)
     else:
         sampler = optuna.samplers.GridSampler(space.grid(), seed=st.seed)
-    storage = optuna.storages.RDBStorage(storage_url or optuna_storage_url(study_dir))
+    if storage is None:
+        storage = optuna.storages.RDBStorage(storage_url or optuna_storage_url(study_dir))
     if st.multi_objective:
         metric: str | list[str] = list(st.objectives)
         mode: str | list[str] = list(st.modes)
