@@ -24,11 +24,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr", "controller_start_method",
-           "failure_policy_classes",
-           "datasets_callback_class", "default_callbacks_method", "enable_token_auth", "joined_dashboard_url",
-           "missing", "optuna_completed", "optuna_intermediate_values", "optuna_study", "optuna_trials",
-           "report_queue", "train_report_logger_name", "tune_session", "worker_group_callback_class"]
+__all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr",
+           "controller_start_method", "datasets_callback_class", "default_callbacks_method", "enable_token_auth",
+           "failure_policy_classes", "joined_dashboard_url", "missing", "optuna_completed",
+           "optuna_intermediate_values", "optuna_study", "optuna_trials", "report_queue",
+           "train_report_logger_name", "tune_session", "worker_group_callback_class"]
 
 
 @dataclass(frozen=True)
