@@ -5,6 +5,13 @@
 - Otherwise a local Ray is started with ``num_cpus = max(cpu count, CPUs one wave of trials needs)``:
   a logical over-commit, because each trial process needs 1 CPU besides its Train workers, which
   would otherwise leave 2 DDP workers unschedulable on a 2-core machine (see ray-notes.md).
+- A local Ray listens on loopback only (:func:`local_ray_init`): its node address is 127.0.0.1, so that
+  the GCS, raylet, object manager, dashboard agent and metrics servers bind 127.0.0.1 instead of every
+  interface (Ray 2.60 resolves "127.0.0.1" to the host's address unless told it is no cluster:
+  ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is cleared during ``ray.init``). Clusters keep their
+  own addresses.
+- Train's state tracking is on (``RAY_TRAIN_ENABLE_STATE_TRACKING=1``): the dashboard's Train state API
+  (``/api/train/v2/runs``) lists the DDP trials' runs, attempts and workers.
 - The dashboard is kept ON and bound to 127.0.0.1 (with it off, stopped trials left worker CPUs
   reserved in this Ray version). Ray's token authentication stays as Ray sets it (on by default):
   :func:`auth_token_location` says where the token is so a browser or ``curl -H "Authorization:
@@ -13,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,7 +31,10 @@ import ray
 
 from study.space import Resources
 
-__all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "start_ray", "DEFAULT_ENV"]
+__all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "local_ray_init", "start_ray", "DEFAULT_ENV",
+           "LOOPBACK"]
+
+LOOPBACK = "127.0.0.1"
 
 #: environment that makes Ray quieter and more robust on small machines (set only when unset)
 DEFAULT_ENV = {
@@ -42,7 +53,31 @@ DEFAULT_ENV = {
     # Per-run structured JSON logs of the Train controller and workers: files nobody reads here.
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    # The dashboard's Train state API (/api/train/v2/runs: runs, attempts, workers of the DDP trials).
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
 }
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """During ``ray.init``: Ray treats this machine as no cluster, so that 127.0.0.1 stays its address."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def local_ray_init(**kwargs) -> object:
+    """``ray.init(**kwargs)`` of a new single-machine Ray that listens on 127.0.0.1 only (see the module
+    docstring), with :data:`DEFAULT_ENV` set (when unset) so that its processes inherit it."""
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    with _loopback_node():
+        return ray.init(_node_ip_address=LOOPBACK, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -100,7 +135,7 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
     needed = cpus_per_trial(resources) * max_concurrent_trials
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     num_gpus = None
-    context = ray.init(
+    context = local_ray_init(
         num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host=dashboard_host,
         logging_level=logging.WARNING, runtime_env=runtime_env,
     )
