@@ -10,8 +10,9 @@
   interface (Ray 2.60 resolves "127.0.0.1" to the host's address unless told it is no cluster:
   ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is cleared during ``ray.init``). Clusters keep their
   own addresses.
-- Train's state tracking is on (``RAY_TRAIN_ENABLE_STATE_TRACKING=1``): the dashboard's Train state API
-  (``/api/train/v2/runs``) lists the DDP trials' runs, attempts and workers.
+- Train's state tracking is on (``RAY_TRAIN_ENABLE_STATE_TRACKING=1``, also in the job's env_vars, as
+  each trial process reads it): the dashboard's Train V2 state API (``/api/train/v2/runs/v1``; the
+  older ``/api/train/v2/runs`` serves Train V1) lists the DDP trials' runs, attempts and workers.
 - The dashboard is kept ON and bound to 127.0.0.1 (with it off, stopped trials left worker CPUs
   reserved in this Ray version). Ray's token authentication stays as Ray sets it (on by default):
   :func:`auth_token_location` says where the token is so a browser or ``curl -H "Authorization:
@@ -118,6 +119,8 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
     Ray is already initialised here. ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster;
     ``dashboard_host`` binds the dashboard of a Ray started here (the caller checks exposure rules).
     """
+    if env is not None:  # Train's state tracking is read in each trial process: a joined cluster needs it too
+        env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": DEFAULT_ENV["RAY_TRAIN_ENABLE_STATE_TRACKING"], **env}
     runtime_env = {**(runtime_env or {}), **({"env_vars": dict(env)} if env else {})} or None
     address = address or os.environ.get("RAY_ADDRESS")
     for key, value in DEFAULT_ENV.items():

@@ -69,7 +69,7 @@ FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
 #: (reusing a trial blocked in TorchTrainer.fit() made the next trial fail, ray-notes.md).
 REUSE_ACTORS = True
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
-FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
+FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT", "RAY_TRAIN_ENABLE_STATE_TRACKING")
 #: forwarded too when the study folder is on an object store: credentials, endpoints, regions
 CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
 
