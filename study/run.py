@@ -176,6 +176,25 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _guard_writes(method):
+    """Tune callback hook wrapper: an OSError writing the study folder (turned read-only, disk full) is
+    recorded in :data:`WRITE_ERRORS` and said once, instead of a traceback from inside Tune; the study's
+    stopper then ends the study (``run_study`` raises one line)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if not WRITE_ERRORS:
+                print(f"[study] cannot write the study folder ({exc.strerror or exc}: {exc.filename}): stopping the "
+                      "study", file=sys.stderr, flush=True)
+            WRITE_ERRORS.append(f"{exc.strerror or exc}: {exc.filename}")
+            return None
+
+    return guarded
+
+
 def _make_callback_class():
     from ray.tune import Callback
 
@@ -198,6 +217,7 @@ def _make_callback_class():
             self.written = 0
             self.started = time.time()
 
+        @_guard_writes
         def setup(self, **info: Any) -> None:
             from brainage_core.data.store import open_store
             from study.results import ResultsTable, git_commit, package_versions
@@ -213,6 +233,7 @@ def _make_callback_class():
         def _params(self, trial: Any) -> dict[str, Any]:
             return self.space.overrides(trial.config)
 
+        @_guard_writes
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             if "epoch" not in result:
                 return
@@ -238,11 +259,13 @@ def _make_callback_class():
                 print(f"[study] test fault hook: killing the driver after {self.written} results", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        @_guard_writes
         def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
             from study.trial import checkpoint_location
 
             self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
 
+        @_guard_writes
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             from study.searcher import EARLY_STOPPED
 
@@ -261,6 +284,7 @@ def _make_callback_class():
 
                 copy_sqlite(*self.optuna_copy)
 
+        @_guard_writes
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.table.set_status(trial.trial_id, "error")
             self.print_table(trials)
@@ -430,6 +454,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     tune_dir = folder.child("tune")
     _no_retry_on_input_errors()
     INPUT_ERRORS.clear()
+    WRITE_ERRORS.clear()
     try:
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
@@ -456,10 +481,18 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                     verbose=0,
                 ),
             )
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except Exception as exc:
+            if not WRITE_ERRORS and not isinstance(exc, OSError):
+                raise
+            reason = WRITE_ERRORS[0] if WRITE_ERRORS else f"{exc.strerror or exc}: {exc.filename}"
+            raise StudyFailed(_unwritable(folder, reason)) from None
     finally:
         if info.started_here:
             ray.shutdown()
+    if WRITE_ERRORS:
+        raise StudyFailed(_unwritable(folder, WRITE_ERRORS[0]))
     if optuna_copy:
         from study.cluster import copy_sqlite
 
@@ -486,9 +519,17 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     return study_dir
 
 
+def _unwritable(folder: StudyFolder, reason: str) -> str:
+    return (f"study folder {folder.location} became unwritable ({reason}): the study was stopped; the rows written "
+            "before are in results.parquet; make the folder writable and continue with --resume")
+
+
 class StudyFailed(RuntimeError):
     """No trial of the study produced a result; ``str()`` is the one-line cause."""
 
+
+#: OSErrors met writing the study folder from the driver callback (driver-process registry)
+WRITE_ERRORS: list[str] = []
 
 #: Tune trial id -> one-line cause of the deterministic error it failed with (driver-process registry,
 #: filled by the patched ``Trial.handle_error``, read by :class:`DoomedStudyStopper`)
@@ -560,6 +601,8 @@ def _make_stopper_class() -> type:
             return False
 
         def stop_all(self) -> bool:
+            if WRITE_ERRORS:
+                return True
             if self.reported or not INPUT_ERRORS:
                 return False
             counts: dict[str, int] = {}
