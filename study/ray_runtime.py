@@ -9,7 +9,8 @@
   the GCS, raylet, object manager, dashboard agent and metrics servers bind 127.0.0.1 instead of every
   interface (Ray 2.60 resolves "127.0.0.1" to the host's address unless told it is no cluster:
   ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is cleared during ``ray.init``). Clusters keep their
-  own addresses.
+  own addresses. A start whose node does not register within Ray's fixed 30 s (a loaded machine, the
+  agents of a SIGKILLed study's Ray still exiting) is tried again, up to :data:`START_ATTEMPTS` times.
 - Train's state tracking is on (``RAY_TRAIN_ENABLE_STATE_TRACKING=1``, also in the job's env_vars, as
   each trial process reads it): the dashboard's Train V2 state API (``/api/train/v2/runs/v1``; the
   older ``/api/train/v2/runs`` serves Train V1) lists the DDP trials' runs, attempts and workers.
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,8 @@ __all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "local_ray_init",
            "LOOPBACK"]
 
 LOOPBACK = "127.0.0.1"
+#: tries of a local ray.init whose node times out during startup (Ray waits a fixed 30 s for its raylet)
+START_ATTEMPTS = 3
 
 #: environment that makes Ray quieter and more robust on small machines (set only when unset)
 DEFAULT_ENV = {
@@ -77,8 +81,18 @@ def local_ray_init(**kwargs) -> object:
     docstring), with :data:`DEFAULT_ENV` set (when unset) so that its processes inherit it."""
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
-    with _loopback_node():
-        return ray.init(_node_ip_address=LOOPBACK, **kwargs)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            with _loopback_node():
+                return ray.init(_node_ip_address=LOOPBACK, **kwargs)
+        except Exception as exc:  # Ray raises a bare Exception when its raylet does not register in 30 s
+            if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
+                raise
+            ray.shutdown()
+            print(f"[study] Ray's node did not start within Ray's 30 s (attempt {attempt}/{START_ATTEMPTS}: a busy "
+                  "machine, or the agents of a killed Ray still exiting); starting it again", file=sys.stderr,
+                  flush=True)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
