@@ -57,7 +57,7 @@ from typing import Any
 
 import yaml
 
-from brainage_core.errors import BrainageError, ConfigError
+from brainage_core.errors import BrainageError, ConfigError, DataError
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder, is_uri, join_location
 
@@ -69,7 +69,7 @@ FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
 #: (reusing a trial blocked in TorchTrainer.fit() made the next trial fail, ray-notes.md).
 REUSE_ACTORS = True
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
-FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
+FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT", "RAY_TRAIN_ENABLE_STATE_TRACKING")
 #: forwarded too when the study folder is on an object store: credentials, endpoints, regions
 CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
 
@@ -104,9 +104,10 @@ def resolved_config(space: SearchSpace, overrides: Sequence[str]) -> dict[str, A
     return {**space.config.to_dict(), "search": search, "study": space.study.to_dict(), "overrides": list(overrides)}
 
 
-def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], resume: bool) -> None:
-    """Check the folder against ``--resume`` and write space.yaml / config.yaml (a remote folder: into its
-    mirror, then uploaded; ``--resume`` first downloads config.yaml, results.parquet and optuna.db)."""
+def _check_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], resume: bool) -> None:
+    """Check the folder against ``--resume`` without writing into it (a remote folder: ``--resume`` first
+    downloads config.yaml, results.parquet and optuna.db into its local mirror). ``--resume`` also checks
+    that results.parquet, when there is one, is readable (before Ray starts)."""
     study_dir = folder.local
     config_path = study_dir / "config.yaml"
     where = folder.child("config.yaml")
@@ -117,19 +118,45 @@ def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any
             folder.clear_mirror()
             for rel in ("config.yaml", "space.yaml", "results.parquet", "optuna.db"):
                 folder.download(rel)
-        before = yaml.safe_load(config_path.read_text())
+        try:
+            before = yaml.safe_load(config_path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--resume: {where} is unreadable ({' '.join(str(exc).split())[:160]}); expected the "
+                              "config.yaml the study wrote") from None
         if before != config:
             changed = sorted(_diff(before, config))
             raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
                               f"{', '.join(changed[:5])}: expected the command that started the study")
+        results = study_dir / "results.parquet"
+        if results.exists():
+            import pandas as pd
+
+            try:
+                pd.read_parquet(results)
+            except Exception as exc:  # pyarrow raises several types
+                raise DataError(
+                    f"--resume: {folder.child('results.parquet')} is unreadable ({type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:160]}); expected the study's results table: restore it from a "
+                    "backup, or move it away to resume with an empty table"
+                ) from None
         return
     if folder.exists("tune") or folder.exists("config.yaml"):
         raise ConfigError(f"study folder {folder.location} already holds a study: add --resume to continue it, or "
                           f"choose another --name / --storage")
+
+
+def _write_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any]) -> None:
+    """Write space.yaml / config.yaml of a new study (a remote folder: into its mirror, then uploaded).
+    Called only once everything that can be validated before Ray starts has been (the data store too)."""
+    study_dir = folder.local
     folder.clear_mirror()  # a stale mirror of an earlier study of that URI
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "space.yaml").write_text(space_path.read_text())
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        (study_dir / "space.yaml").write_text(space_path.read_text())
+        (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    except OSError as exc:
+        raise ConfigError(f"study folder {folder.location}: cannot write ({exc.strerror}: {exc.filename}); expected a "
+                          "writable --storage") from None
     folder.upload("space.yaml")
     folder.upload("config.yaml")
 
@@ -147,6 +174,25 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def _guard_writes(method):
+    """Tune callback hook wrapper: an OSError writing the study folder (turned read-only, disk full) is
+    recorded in :data:`WRITE_ERRORS` and said once, instead of a traceback from inside Tune; the study's
+    stopper then ends the study (``run_study`` raises one line)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if not WRITE_ERRORS:
+                print(f"[study] cannot write the study folder ({exc.strerror or exc}: {exc.filename}): stopping the "
+                      "study", file=sys.stderr, flush=True)
+            WRITE_ERRORS.append(f"{exc.strerror or exc}: {exc.filename}")
+            return None
+
+    return guarded
 
 
 def _make_callback_class():
@@ -171,6 +217,7 @@ def _make_callback_class():
             self.written = 0
             self.started = time.time()
 
+        @_guard_writes
         def setup(self, **info: Any) -> None:
             from brainage_core.data.store import open_store
             from study.results import ResultsTable, git_commit, package_versions
@@ -186,6 +233,7 @@ def _make_callback_class():
         def _params(self, trial: Any) -> dict[str, Any]:
             return self.space.overrides(trial.config)
 
+        @_guard_writes
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             if "epoch" not in result:
                 return
@@ -211,11 +259,13 @@ def _make_callback_class():
                 print(f"[study] test fault hook: killing the driver after {self.written} results", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        @_guard_writes
         def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
             from study.trial import checkpoint_location
 
             self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
 
+        @_guard_writes
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             from study.searcher import EARLY_STOPPED
 
@@ -234,6 +284,7 @@ def _make_callback_class():
 
                 copy_sqlite(*self.optuna_copy)
 
+        @_guard_writes
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.table.set_status(trial.trial_id, "error")
             self.print_table(trials)
@@ -352,14 +403,16 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         folder.check_writable()  # before anything is written
     study_dir = folder.local  # where the driver writes (a remote folder: its local mirror)
     config = resolved_config(space, overrides)
-    _prepare_folder(folder, space_path, config, resume)
+    _check_folder(folder, space_path, config, resume)
 
     from brainage_core.data.sources import resolve_store
 
     print(f"[study] {name}: {space.study.num_samples} trials ({space.study.searcher}), objective "
           f"{space.study.objective} ({space.study.mode}); folder {folder.location}", flush=True)
-    store = resolve_store(space.config.data, progress=True)
+    store = resolve_store(space.config.data, progress=True)  # bad data fails here: nothing written yet
     print(f"[study] data store {store.path} (fingerprint {store.fingerprint})", flush=True)
+    if not resume:
+        _write_folder(folder, space_path, config)
 
     import ray
     from ray import tune
@@ -413,6 +466,9 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         trial_resources = {"cpu": res.cpus_per_worker, "gpu": 1 if res.use_gpu else 0}
     trainable = tune.with_resources(trainable, trial_resources)
     tune_dir = folder.child("tune")
+    _no_retry_on_input_errors()
+    INPUT_ERRORS.clear()
+    WRITE_ERRORS.clear()
     try:
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
@@ -435,13 +491,22 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                                                             checkpoint_score_attribute=st.objective,
                                                             checkpoint_score_order=st.mode),
                     callbacks=[StudyCallback(folder.location, space, str(store.path), optuna_copy)],
+                    stop=DoomedStudyStopper(st.num_samples),
                     verbose=0,
                 ),
             )
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except Exception as exc:
+            if not WRITE_ERRORS and not isinstance(exc, OSError):
+                raise
+            reason = WRITE_ERRORS[0] if WRITE_ERRORS else f"{exc.strerror or exc}: {exc.filename}"
+            raise StudyFailed(_unwritable(folder, reason)) from None
     finally:
         if info.started_here:
             ray.shutdown()
+    if WRITE_ERRORS:
+        raise StudyFailed(_unwritable(folder, WRITE_ERRORS[0]))
     if optuna_copy:
         from study.cluster import copy_sqlite
 
@@ -456,12 +521,119 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         print(f"[study] Pareto set ({', '.join(st.objectives)}): {len(front)} trial(s) in "
               f"{folder.child('pareto.csv')}", flush=True)
     errors = [r for r in results if r.error is not None]
+    for r in errors:
+        print(f"[study] failed trial in {r.path}: {_cause(r.error)}", file=sys.stderr, flush=True)
+    if not _has_results(study_dir / "results.parquet"):
+        causes = list(dict.fromkeys(_cause(r.error) for r in errors))
+        cause = causes[0] if causes else "no trial reported an evaluation"
+        more = f" (+{len(causes) - 1} other cause(s) above)" if len(causes) > 1 else ""
+        raise StudyFailed(f"study {name}: no trial produced a result ({len(errors)} of {len(results)} trial(s) "
+                          f"failed); cause: {cause}{more}")
     print(f"[study] done: {folder.child('results.parquet')}; {len(errors)} trial(s) failed", flush=True)
-    if errors:
-        for r in errors:
-            print(f"[study] failed trial in {r.path}: {str(r.error).splitlines()[0] if str(r.error) else r.error}",
-                  file=sys.stderr, flush=True)
     return study_dir
+
+
+def _unwritable(folder: StudyFolder, reason: str) -> str:
+    return (f"study folder {folder.location} became unwritable ({reason}): the study was stopped; the rows written "
+            "before are in results.parquet; make the folder writable and continue with --resume")
+
+
+class StudyFailed(RuntimeError):
+    """No trial of the study produced a result; ``str()`` is the one-line cause."""
+
+
+#: OSErrors met writing the study folder from the driver callback (driver-process registry)
+WRITE_ERRORS: list[str] = []
+
+#: Tune trial id -> one-line cause of the deterministic error it failed with (driver-process registry,
+#: filled by the patched ``Trial.handle_error``, read by :class:`DoomedStudyStopper`)
+INPUT_ERRORS: dict[str, str] = {}
+
+
+def _cause(error: BaseException | None) -> str:
+    """One line saying why a trial failed: the deterministic cause when there is one, else the last
+    line of Ray's error text (the exception raised in the trial)."""
+    from study.trial import input_error_of, one_line
+
+    cause = input_error_of(error)
+    if cause is not None:
+        return one_line(cause)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _has_results(path: Path) -> bool:
+    if not path.exists():
+        return False
+    import pandas as pd
+
+    try:
+        return len(pd.read_parquet(path)) > 0
+    except Exception:  # noqa: BLE001 - an unreadable table holds no usable result
+        return False
+
+
+def _no_retry_on_input_errors() -> None:
+    """Make Tune not retry a trial that failed with a deterministic error (``study.trial.TrialInputError``):
+    its ``max_failures`` becomes 0 as its error is recorded, before Tune decides on recovery (Ray 2.60 has no
+    per-error retry setting). Other failures (a killed worker or trial process) are retried as configured.
+    Idempotent; driver process only."""
+    from ray.tune.experiment.trial import Trial
+
+    from study.trial import input_error_of, one_line
+
+    if getattr(Trial.handle_error, "_brainage_no_retry", False):
+        return
+    original = Trial.handle_error
+
+    def handle_error(self: Any, exc: BaseException | None = None) -> None:
+        original(self, exc)
+        cause = input_error_of(exc)
+        if cause is not None:
+            self.max_failures = 0
+            INPUT_ERRORS[self.trial_id] = one_line(cause)
+
+    handle_error._brainage_no_retry = True  # type: ignore[attr-defined]
+    Trial.handle_error = handle_error
+
+
+def _make_stopper_class() -> type:
+    from ray.tune import Stopper
+
+    class DoomedStudyStopperImpl(Stopper):
+        """Stops the whole study when it is doomed: no trial has reported a result and the same
+        deterministic error ended 2 trials (or every trial of a 1-trial study), so that it does not
+        depend on the sampled parameters."""
+
+        def __init__(self, num_samples: int):
+            self.needed = min(2, max(1, int(num_samples)))
+            self.reported = False
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            if "epoch" in result:
+                self.reported = True
+            return False
+
+        def stop_all(self) -> bool:
+            if WRITE_ERRORS:
+                return True
+            if self.reported or not INPUT_ERRORS:
+                return False
+            counts: dict[str, int] = {}
+            for cause in INPUT_ERRORS.values():
+                counts[cause] = counts.get(cause, 0) + 1
+            if max(counts.values()) >= self.needed:
+                print(f"[study] stopping: {max(counts.values())} trial(s) failed with the same error before any "
+                      "result; the study cannot succeed", file=sys.stderr, flush=True)
+                return True
+            return False
+
+    return DoomedStudyStopperImpl
+
+
+def DoomedStudyStopper(num_samples: int):  # noqa: N802 - a class factory (Ray imported lazily)
+    """The study's Tune ``Stopper`` (see ``_make_stopper_class``)."""
+    return _make_stopper_class()(num_samples)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -497,6 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrainageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StudyFailed as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -22,12 +22,15 @@ from brainage_core.data.synthetic import generate_cohort
 def start_test_ray() -> str:
     """Start the local Ray that a test module's studies join (RAY_ADDRESS); returns its GCS address.
 
-    4 logical CPUs on 2 cores (a DDP trial holds 1 + 2 workers), dashboard on (Ray 2.60 left stopped trials'
-    CPUs reserved without it), a small object store. The caller shuts it down (``ray.shutdown()``)."""
+    Started like a study's local Ray (``study.ray_runtime.local_ray_init``: loopback only, Train state
+    tracking on). 4 logical CPUs on 2 cores (a DDP trial holds 1 + 2 workers), dashboard on (Ray 2.60 left
+    stopped trials' CPUs reserved without it), a small object store. The caller shuts it down (``ray.shutdown()``)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
-             logging_level=logging.WARNING)
+    from study.ray_runtime import local_ray_init
+
+    local_ray_init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
+                   logging_level=logging.WARNING)  # loopback only, Train state tracking on, as a study's own Ray
     return ray.get_runtime_context().gcs_address
 
 
