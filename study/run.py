@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from brainage_core.config import config_differences
 from brainage_core.errors import BrainageError, ConfigError
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder, is_uri, join_location
@@ -119,7 +120,7 @@ def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any
                 folder.download(rel)
         before = yaml.safe_load(config_path.read_text())
         if before != config:
-            changed = sorted(_diff(before, config))
+            changed = [key for key, _, _ in config_differences(before, config)]
             raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
                               f"{', '.join(changed[:5])}: expected the command that started the study")
         return
@@ -132,15 +133,6 @@ def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     folder.upload("space.yaml")
     folder.upload("config.yaml")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix[:-1]]
 
 
 def _fmt(value: Any) -> str:
