@@ -41,6 +41,7 @@ from brainage_core.errors import ConfigError
 
 __all__ = [
     "plain_copy",
+    "config_differences",
     "BACKBONES",
     "HEADS",
     "LOSS_METHODS",
@@ -697,6 +698,23 @@ def plain_copy(d: Any) -> Any:
     if isinstance(d, list):
         return [plain_copy(v) for v in d]
     return d
+
+
+def config_differences(a: Any, b: Any, *, close_floats: bool = False) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every leaf where two nested mappings differ, sorted by
+    key; a key missing on one side has None there. ``close_floats``: two floats equal within
+    ``math.isclose`` count as equal. Used to name what changed between a saved and a current config."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            for key in sorted(set(x) | set(y), key=str):
+                walk(x.get(key), y.get(key), f"{path}.{key}" if path else str(key))
+        elif x != y and not (close_floats and isinstance(x, float) and isinstance(y, float) and math.isclose(x, y)):
+            out.append((path, x, y))
+
+    walk(a, b, "")
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

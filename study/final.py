@@ -40,13 +40,12 @@ import pandas as pd
 import yaml
 
 from brainage_core.errors import BrainageError, ConfigError, DataError
-from study.space import VALIDATION_METRICS, SearchSpace, load_search_space
+from brainage_core.metrics import METRICS, TEST_METRICS, VALIDATION_METRICS
+from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder
 
 __all__ = ["main", "run_final", "select_top", "final_trials", "summarise", "t_interval", "TEST_METRICS"]
 
-TEST_METRICS = ("test_mae_int", "test_mae_ext", "test_rmse_int", "test_rmse_ext", "test_bacc", "test_lc")
-_LOWER_IS_BETTER = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext", "val_lc")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -170,7 +169,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
         raise ConfigError(f"--metric {metric}: trials are ranked on validation data only: expected one of "
                           f"{', '.join(VALIDATION_METRICS)}")
     mode = (st.mode if metric == st.objective else
-            dict(zip(st.objectives, st.modes)).get(metric, "min" if metric in _LOWER_IS_BETTER else "max"))
+            dict(zip(st.objectives, st.modes)).get(metric, METRICS[metric].direction or "min"))
     results = pd.read_parquet(study_dir / "results.parquet")
     top = select_top(results, metric, mode, top_k, source=str(study_dir / "results.parquet"))
     items = final_trials(space, top, seeds)

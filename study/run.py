@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from brainage_core.config import config_differences
 from brainage_core.errors import BrainageError, ConfigError, DataError
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder, is_uri, join_location
@@ -124,7 +125,7 @@ def _check_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any],
             raise ConfigError(f"--resume: {where} is unreadable ({' '.join(str(exc).split())[:160]}); expected the "
                               "config.yaml the study wrote") from None
         if before != config:
-            changed = sorted(_diff(before, config))
+            changed = [key for key, _, _ in config_differences(before, config)]
             raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
                               f"{', '.join(changed[:5])}: expected the command that started the study")
         results = study_dir / "results.parquet"
@@ -159,15 +160,6 @@ def _write_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any])
                           "writable --storage") from None
     folder.upload("space.yaml")
     folder.upload("config.yaml")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix[:-1]]
 
 
 def _fmt(value: Any) -> str:

@@ -320,3 +320,14 @@ def test_the_loss_registry_decides_what_config_and_build_loss_accept(method):
     if "threshold_margin" not in info.parameters:
         with pytest.raises(LossError, match="threshold_margin"):
             build_loss(method, threshold_margin=1.0, **kernel)
+
+
+def test_config_differences_names_every_changed_leaf():
+    from brainage_core.config import config_differences
+
+    a = {"loss": {"method": "yaware", "sigma": 1.0}, "training": {"epochs": 3}, "gone": 1}
+    b = {"loss": {"method": "expw", "sigma": 1.0 + 1e-12}, "training": {"epochs": 3}, "new": {"x": 2}}
+    assert config_differences(a, b) == [("gone", 1, None), ("loss.method", "yaware", "expw"),
+                                        ("loss.sigma", 1.0, 1.0 + 1e-12), ("new", None, {"x": 2})]
+    assert [k for k, _, _ in config_differences(a, b, close_floats=True)] == ["gone", "loss.method", "new"]
+    assert config_differences(a, a) == []

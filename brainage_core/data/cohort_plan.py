@@ -26,9 +26,8 @@ import pandas as pd
 
 from brainage_core.errors import ConfigError
 
-#: Split names, in plan order, and the per-subject folder each one lives in (OpenBHB layout).
+#: Split names, in plan order (their folders: brainage_core.data.layout.SPLIT_FOLDERS).
 SPLITS: tuple[str, ...] = ("train", "internal_test", "external_test")
-SPLIT_FOLDERS: dict[str, str] = {"train": "train", "internal_test": "val", "external_test": "val"}
 _COUNT_KEYS: dict[str, str] = {"train": "n_train", "internal_test": "n_internal", "external_test": "n_external"}
 
 #: Real OpenBHB public totals, per split.

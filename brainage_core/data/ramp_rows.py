@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainage_core.data.layout import MASK_THRESHOLD
 from brainage_core.data.store import Store, open_store
 from brainage_core.errors import BrainageError, ConfigError, StoreError
 from brainage_core.grids import FULL_AFFINE, FULL_SHAPE
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 RAMP_WIDTH = 3_659_572
 #: VBM values per row in the kit (CAT12 GM TPM > 0.05); this module's stand-in mask has its own count.
 KIT_VBM_VALUES = 519_945
-MASK_THRESHOLD = 0.05
 MASK_FILE = "cat12vbm_space-MNI152_desc-gm_TPM.nii.gz"
 #: RAMP parts and the store splits they hold, in row order.
 PARTS: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("internal_test", "external_test")}

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from brainage_core.data.layout import MASK_THRESHOLD, OPENBHB_SUFFIX, openbhb_glob, split_folder, subject_relpath
 from brainage_core.data.tables import SPLIT_ALIASES, Problem, file_digest, find_table, normalise_table, read_table
 from brainage_core.errors import ConfigError, DataError
 from brainage_core.grids import GRID_FACTORS, GRID_NAMES, GRID_SHAPES, block_average, grid_affine, grid_of_shape
@@ -38,13 +39,8 @@ MODALITIES: tuple[str, ...] = ("vbm", "quasiraw")
 QUASIRAW_GRID = "quasiraw"
 QUASIRAW_SHAPE: tuple[int, int, int] = (182, 218, 182)
 
-OPENBHB_SUFFIX: dict[str, str] = {
-    "vbm": "_preproc-cat12vbm_desc-gm_T1w.npy",
-    "quasiraw": "_preproc-quasiraw_T1w.npy",
-}
-
-#: RAMP: a VBM voxel is in the mask where the CAT12 GM probability exceeds this.
-RAMP_MASK_THRESHOLD = 0.05
+#: RAMP: a VBM voxel is in the mask where the CAT12 GM probability exceeds this (layout.MASK_THRESHOLD).
+RAMP_MASK_THRESHOLD = MASK_THRESHOLD
 
 _GRID_LIST = ", ".join(f"{g} {'×'.join(map(str, GRID_SHAPES[g]))}" for g in GRID_NAMES)
 
@@ -173,19 +169,19 @@ class OpenBHBReader(Reader):
         table = normalise_table(read_table(table_path, require_age=self.require_age))
         suffix = OPENBHB_SUFFIX[self.modality]
         found: dict[str, list[Path]] = {}
-        for path in sorted(root.glob(f"*/derivatives/sub-*/ses-*/sub-*{suffix}")):
+        for path in sorted(root.glob(openbhb_glob(self.modality))):
             found.setdefault(path.name[len("sub-") : -len(suffix)], []).append(path)
         problems: dict[int, Problem] = {}
         paths: list[str] = []
         for i in table.index:
             pid = str(table.at[i, "participant_id"])
             bare = _bare_id(pid)
-            folder = "train" if table.at[i, "split"] == "train" else "val"
+            folder = split_folder(table.at[i, "split"])
             candidates = found.get(bare, [])
             preferred = [p for p in candidates if p.relative_to(root).parts[0] == folder]
             chosen = (preferred or candidates or [None])[0]
             if chosen is None:
-                expected = root / folder / "derivatives" / f"sub-{bare}" / "ses-1" / f"sub-{bare}{suffix}"
+                expected = root / subject_relpath(bare, table.at[i, "split"], modality=self.modality)
                 problems[i] = Problem(pid, str(expected), "no file for this row; expected this file")
                 paths.append("")
             else:

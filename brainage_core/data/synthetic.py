@@ -63,11 +63,11 @@ from scipy import ndimage
 
 from brainage_core.data.cohort_plan import (
     SITE_STREAM,
-    SPLIT_FOLDERS,
     SPLITS,
     SUBJECT_STREAM,
     plan_cohort,
 )
+from brainage_core.data.layout import subject_relpath
 from brainage_core.data.synthetic_anatomy import field_weights, load_anatomy, smooth_field
 from brainage_core.errors import ConfigError
 from brainage_core.grids import GRID_FACTORS, GRID_NAMES, check_grid
@@ -289,14 +289,6 @@ def participants_table(plan: pd.DataFrame, seed: int) -> pd.DataFrame:
     for key in ("tiv", "csfv", "gmv", "wmv"):
         table[key] = np.round([v[key] for v in vols], 2)
     return table[list(TABLE_COLUMNS)]
-
-
-def subject_relpath(participant_id: str, split: str, fmt: str) -> str:
-    """Path of a subject's file relative to the cohort folder (POSIX separators)."""
-    pid = str(participant_id)
-    if fmt == "openbhb":
-        return f"{SPLIT_FOLDERS[split]}/derivatives/sub-{pid}/ses-1/sub-{pid}_preproc-cat12vbm_desc-gm_T1w.npy"
-    return f"sub-{pid}/ses-1/anat/sub-{pid}_desc-gm_T1w.nii"
 
 
 def _write_subject(task: tuple[dict, str, float, int, str, str]) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -549,17 +548,10 @@ def _save_latest(state: Mapping[str, Any], out_dir: Path, keep: int) -> Path:
     return folder
 
 
-def _warn_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
+def _warn_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Log the keys whose value differs between the checkpoint's config and this run's."""
-    changed = []
+    from brainage_core.config import config_differences
 
-    def walk(a: Any, b: Any, path: str) -> None:
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
-            changed.append(f"{path}: {a!r} -> {b!r}")
-
-    walk(saved, current, prefix)
+    changed = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(saved, current, close_floats=True)]
     if changed:
         log.warning("resuming with a changed configuration: %s", "; ".join(changed))
