@@ -77,6 +77,9 @@ SEARCHERS: dict[str, dict[str, Any]] = {
     "random_asha": {"searcher": "random", "asha": "default"},
     "nsga2": {"searcher": "nsga2", "asha": None, "objectives": ["val_mae_ext", "val_bacc"], "modes": ["min", "min"],
               "prune_on": OBJECTIVE},
+    # ASHA variants, for the choice of the shipped defaults: grace in evaluations, reduction factor
+    "tpe_asha_rf2": {"searcher": "tpe", "asha": {"grace_evals": 1, "reduction_factor": 2}},
+    "tpe_asha_grace2": {"searcher": "tpe", "asha": {"grace_evals": 2, "reduction_factor": 3}},
 }
 
 
@@ -159,14 +162,18 @@ class Table:
     def space(self, study: Mapping[str, Any], *, concurrency: int = 1) -> Any:
         """The table's search space with its ``study`` block changed by ``study`` (parsed by the study's own
         parser); ``asha: "default"`` means :data:`DEFAULT_ASHA` with the grace period at the first
-        evaluation."""
+        evaluation, ``{grace_evals: n, reduction_factor: r}`` the grace period at the n-th evaluation."""
         from study.space import parse_search_space
 
         raw = copy.deepcopy(self.raw_space)
         block = dict(raw.get("study") or {})
         changes = dict(study)
-        if changes.get("asha") == "default":
+        asha = changes.get("asha")
+        if asha == "default":
             changes["asha"] = {**DEFAULT_ASHA, "grace_period": self.eval_epochs[0]}
+        elif isinstance(asha, Mapping) and "grace_evals" in asha:
+            changes["asha"] = {**DEFAULT_ASHA, "reduction_factor": asha.get("reduction_factor", 3),
+                               "grace_period": self.eval_epochs[int(asha["grace_evals"]) - 1]}
         if "objectives" in changes:
             block.pop("objective", None)
             block.pop("mode", None)
@@ -539,8 +546,8 @@ def figure(summary: dict[str, Any], path: Path) -> None:
         med = np.array([np.nan if v is None else v for v in e["curve"]["median"]])
         lo = np.array([np.nan if v is None else v for v in e["curve"]["q25"]])
         hi = np.array([np.nan if v is None else v for v in e["curve"]["q75"]])
-        (line,) = ax.plot(x, med, label=name, lw=1.6)
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        (line,) = ax.plot(x, med, label=name, lw=1.6, drawstyle="steps-post")
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0, step="post")
     ax.axhline(tb["best_val_lc"], color="k", lw=0.8, ls="--", label="table best")
     ax.axhline(tb["within_2pct_target"], color="k", lw=0.8, ls=":", label="within 2 %")
     ax.set_xlabel("compute (trial-epochs)")

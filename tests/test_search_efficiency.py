@@ -46,7 +46,8 @@ def _results(space) -> pd.DataFrame:
     rows = []
     for n, i in enumerate(rng.permutation(len(points))):
         p = points[i]
-        quality = 10 + 3 * abs(math.log(p["loss.temperature"] / 0.1)) + (p["loss.kernel"] == "cauchy") + rng.normal(0, 0.7)
+        quality = (10 + 3 * abs(math.log(p["loss.temperature"] / 0.1)) + (p["loss.kernel"] == "cauchy")
+                   + rng.normal(0, 0.7))
         for epoch in range(EVERY, EPOCHS + 1, EVERY):
             noise = rng.normal(0, 0.3)
             val = quality + 8 / epoch + noise
