@@ -114,3 +114,27 @@ def test_small_simulated_cluster(tmp_path):
     assert report["check"]["ok"], report["check"]
     held = report["utilisation"]["held_while_trials_remain"]
     assert held >= UTILISATION_GOAL, f"GPU-slot utilisation {held:.3f} while trials remain < {UTILISATION_GOAL}"
+
+
+def test_ddp_trials_that_fit():
+    from study.cluster import ddp_trials_that_fit
+
+    assert ddp_trials_that_fit(2, True, 1.0, {"CPU": 64, "GPU": 8}) == 4  # GPUs bound
+    assert ddp_trials_that_fit(4, True, 1.0, {"CPU": 64, "GPU": 64}) == 12  # CPUs bound: 5 per trial
+    assert ddp_trials_that_fit(2, False, 1.0, {"CPU": 4}) == 1
+    with pytest.raises(ConfigError, match="needs 5 CPUs and 4 GPUs; the Ray cluster has 64 CPUs and 2 GPUs"):
+        ddp_trials_that_fit(4, True, 1.0, {"CPU": 64, "GPU": 2})
+
+
+def test_progress_table_keeps_to_the_best_rows():
+    from study.run import progress_table
+    from study.space import load_search_space
+
+    space = load_search_space(ROOT / "search_spaces" / "smoke.yaml")
+    df = pd.DataFrame([{"trial_id": f"t{i:02d}", "param.loss.temperature": 0.1, "epoch": 1, "status": "completed",
+                        "val_mae_ext": 10.0 - i * 0.1} for i in range(30)])
+    text = progress_table(df, space, max_rows=5)
+    lines = text.splitlines()
+    assert len(lines) == 1 + 1 + 5 + 1 and "30/2 trials done" in lines[0]
+    assert lines[2].startswith("t29") and lines[2].endswith("*") and "25 more trial(s)" in lines[-1]
+    assert len(progress_table(df, space).splitlines()) == 32
