@@ -17,13 +17,17 @@ rank's wall clock).
 
 What the JSON holds (``--out``, default ``bench/results/cluster_sim.json``):
 
-- ``utilisation``: the fraction of GPU-seconds in which a trial's stand-in ran (GPUs of the trial x
-  seconds between its first epoch's start and its last report), over the window "while trials remain"
-  (first trial start to last trial start) and over the whole study; ``held_timeline``: GPUs held by
-  placement groups / actors every ``--sample-s`` (``ray.available_resources``), and the same "training"
-  fraction per 5 % of the study;
-- ``scheduling_latency_s``: from a freed slot (a trial's last report: it ended or ASHA stopped it) to the
-  next trial's first epoch, matched first-freed to first-started (all trials hold the same number of GPUs);
+- ``utilisation`` (fractions of the GPU-seconds, "while trials remain" = from the first trial's start to
+  the last trial's start, and over the whole study): ``slots_*``, GPU slots held by RUNNING Tune trials
+  (the driver's ``on_trial_start`` to ``on_trial_complete``/``on_trial_error``, x GPUs per trial: the
+  issue's "GPU-seconds held by running trials", what the scheduler controls); ``held_*``, GPUs reserved
+  in Ray (``ray.available_resources`` every ``--sample-s``: a DDP trial's placement group exists only
+  once its Train controller has started); ``training_*``, GPUs whose trial's stand-in was running (its
+  first epoch's start to its last report); ``training_timeline`` / ``held_timeline``;
+- ``slot_to_running_trial_s``: from a trial's end to the next trial's start (Tune's view; matched
+  first-ended to first-started, all trials hold the same GPUs), against ``trial_start_s`` (a RUNNING trial
+  to its first epoch: trial set-up, Train controller and worker group start); ``scheduling_latency_s``:
+  the same from a trial's last report to the next trial's first epoch (both delays together);
 - ``driver_rss``: the driver's RSS against the number of trials started and finished, with the slope
   (KB per finished trial, least squares over the second half of the study);
 - ``writes``: ``results.parquet`` rewrites and Optuna storage writes (count, per second, seconds per
@@ -226,6 +230,7 @@ class Probe:
         self.results_writes: list[tuple[float, int, float]] = []  # (t, rows, seconds)
         self.optuna_writes: list[tuple[float, str, float]] = []
         self.finished = 0
+        self.tune_times: dict[str, dict[str, float]] = {}  # trial id -> {"start": t, "end": t} (driver's view)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sim-probe", daemon=True)
 
@@ -248,6 +253,18 @@ class Probe:
             set_status(table, trial_id, status)
 
         ResultsTable.write, ResultsTable.set_status = timed_write, counted_status
+        from ray.tune.callback import CallbackList
+
+        for hook, kind in (("on_trial_start", "start"), ("on_trial_complete", "end"), ("on_trial_error", "end")):
+            original_hook = getattr(CallbackList, hook)
+
+            def timed_hook(self_: Any, _original: Any = original_hook, _kind: str = kind, **info: Any) -> Any:
+                trial = info.get("trial")
+                if trial is not None:  # the Tune trial RUNNING (start) and its end: the slot it holds
+                    probe.tune_times.setdefault(trial.trial_id, {})[_kind] = time.time()
+                return _original(self_, **info)
+
+            setattr(CallbackList, hook, timed_hook)
         for name in self.OPTUNA_WRITES:
             original = getattr(optuna.storages.RDBStorage, name)
 
@@ -320,6 +337,26 @@ def analyse(events: dict[str, list[dict]], probe: Probe, *, gpus: int, epoch_s: 
             total += h0 * max(0.0, min(t1, b) - max(t0, a))
         return total / (gpus * (b - a))
 
+    slots = [(t["start"], t.get("end", t_end)) for t in probe.tune_times.values() if "start" in t]
+    per_trial_gpus = max(1, spans[0][3])
+
+    def slot_fraction(a: float, b: float) -> float | None:
+        """GPU slots held by RUNNING Tune trials (start to end as the driver sees them) over [a, b]."""
+        if b <= a:
+            return None
+        return sum(max(0.0, min(e, b) - max(s, a)) for s, e in slots) * per_trial_gpus / (gpus * (b - a))
+
+    tune_starts = sorted(s for s, _ in slots)
+    tune_ends = sorted(e for _, e in slots)
+    slot_wave = gpus // per_trial_gpus
+    slot_latencies = [b - a for a, b in zip(tune_ends, tune_starts[slot_wave:])]
+    start_overheads = []
+    for trial, t in probe.tune_times.items():
+        first = [e["t"] for e in events.get(trial, []) if e["e"] == "start"]
+        if "start" in t and first:
+            start_overheads.append(first[0] - t["start"])
+    slot_window = (tune_starts[0], tune_starts[-1]) if tune_starts else (first_start, last_start)
+
     nodes_per_trial = {}
     for trial, ev in events.items():
         nodes_per_trial[trial] = len({e.get("node") for e in ev if e["e"] == "rank"})
@@ -363,13 +400,17 @@ def analyse(events: dict[str, list[dict]], probe: Probe, *, gpus: int, epoch_s: 
     ow = probe.optuna_writes
     return {
         "trials_in_events": len(events), "trials_in_results": int(df["trial_id"].nunique()), "rows": len(df),
-        "utilisation": {"held_while_trials_remain": held_fraction(first_start, last_start),
+        "utilisation": {"slots_while_trials_remain": slot_fraction(*slot_window),
+                        "slots_whole_study": slot_fraction(t_start, t_end),
+                        "held_while_trials_remain": held_fraction(first_start, last_start),
                         "held_whole_study": held_fraction(t_start, t_end),
                         "training_while_trials_remain": remain, "training_whole_study": whole,
                         "window_s": last_start - first_start,
                         "first_trial_start_s": first_start - t_start, "training_timeline": timeline,
                         "held_timeline": held[:: max(1, len(held) // 200)]},
         "scheduling_latency_s": _stats(latencies),
+        "slot_to_running_trial_s": _stats(slot_latencies),
+        "trial_start_s": _stats(start_overheads),
         "trials_over_several_nodes": sum(1 for n in nodes_per_trial.values() if n > 1),
         "wall_s": wall, "ideal_s": ideal, "wall_over_ideal": wall / ideal if ideal else None,
         "driver_rss": {"start_mb": rss[0][2] / 2**20 if rss else None, "end_mb": rss[-1][2] / 2**20 if rss else None,
@@ -536,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=1, default=str))
     u, lat = report["utilisation"], report["scheduling_latency_s"]
     print(f"[cluster-sim] {report['trials_in_results']} trials, {report['rows']} rows; GPU-slot utilisation while "
-          f"trials remain: held {u['held_while_trials_remain']}, training {u['training_while_trials_remain']}; "
+          f"trials remain: slots {u['slots_while_trials_remain']}, held {u['held_while_trials_remain']}, training "
+          f"{u['training_while_trials_remain']}; "
           f"wall {report['wall_s']:.1f} s vs ideal "
           f"{report['ideal_s']:.1f} s; latency p50 {lat['p50']} max {lat['max']}; driver RSS "
           f"{report['driver_rss']['kb_per_finished_trial_second_half']} KB/trial; check {report['check']}; "

@@ -112,8 +112,8 @@ def test_small_simulated_cluster(tmp_path):
         assert reported == set(df.loc[df["trial_id"] == trial, "epoch"]), trial
     assert set(df.groupby("trial_id")["status"].last()) <= {"completed", "pruned"}
     assert report["check"]["ok"], report["check"]
-    held = report["utilisation"]["held_while_trials_remain"]
-    assert held >= UTILISATION_GOAL, f"GPU-slot utilisation {held:.3f} while trials remain < {UTILISATION_GOAL}"
+    slots = report["utilisation"]["slots_while_trials_remain"]
+    assert slots >= UTILISATION_GOAL, f"GPU-slot utilisation {slots:.3f} while trials remain < {UTILISATION_GOAL}"
 
 
 def test_ddp_trials_that_fit():
