@@ -73,6 +73,10 @@ REUSE_ACTORS = True
 FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT", "RAY_TRAIN_ENABLE_STATE_TRACKING")
 #: forwarded too when the study folder is on an object store: credentials, endpoints, regions
 CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+#: the driver's progress table: printed at most this often (seconds; and once, whole, at the end) ...
+PROGRESS_TABLE_EVERY_S = 30.0
+#: ... showing the best this many trials
+PROGRESS_TABLE_ROWS = 20
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -208,6 +212,7 @@ def _make_callback_class():
             self.table = None
             self.written = 0
             self.started = time.time()
+            self.table_printed = 0.0
 
         @_guard_writes
         def setup(self, **info: Any) -> None:
@@ -221,6 +226,7 @@ def _make_callback_class():
                                       on_write=functools.partial(self.folder.upload, "results.parquet"))
             self.written = 0
             self.started = time.time()
+            self.table_printed = 0.0
 
         def _params(self, trial: Any) -> dict[str, Any]:
             return self.space.overrides(trial.config)
@@ -292,8 +298,20 @@ def _make_callback_class():
                     best = (row["trial_id"], v)
             return best
 
-        def print_table(self, trials: list) -> None:
-            print(progress_table(self.table.frame(), self.space), flush=True)
+        def print_table(self, trials: list, *, final: bool = False) -> None:
+            # every PROGRESS_TABLE_EVERY_S at most, the best PROGRESS_TABLE_ROWS: printed at every trial end,
+            # the whole table made a 500-trial study's driver spend a quarter of its time on it
+            # (bench/cluster_sim.py) and wrote O(trials^2) lines to its log
+            now = time.time()
+            if not final and now - self.table_printed < PROGRESS_TABLE_EVERY_S:
+                return
+            self.table_printed = now
+            print(progress_table(self.table.frame(), self.space, max_rows=None if final else PROGRESS_TABLE_ROWS),
+                  flush=True)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.table is not None and len(self.table):
+                self.print_table(trials, final=True)
 
     return StudyCallbackImpl
 
@@ -306,10 +324,11 @@ def _fmt_pair(value: Any) -> str:
     return "-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}")
 
 
-def progress_table(df: Any, space: SearchSpace) -> str:
+def progress_table(df: Any, space: SearchSpace, max_rows: int | None = None) -> str:
     """One line per trial: status, last epoch, parameters, the last evaluation's validation MAEs next to
     their constant baselines and BAcc next to chance (``4.1/9.3``: model/baseline, when the results have
-    them), last and best objective; best trial marked."""
+    them), last and best objective; best trial marked. ``max_rows``: only the best that many trials, then
+    a line saying how many more there are."""
     st = space.study
     if df is None or len(df) == 0:
         return "[study] no results yet"
@@ -333,12 +352,17 @@ def progress_table(df: Any, space: SearchSpace) -> str:
             best_trial, best_value = trial_id, trial_best
     sign = 1 if st.mode == "min" else -1
     rows.sort(key=lambda r: (r[-1] is None, sign * r[-1] if r[-1] is not None else 0.0))  # leaderboard order
+    done = sum(1 for r in rows if r[1] in ("completed", "pruned"))
+    hidden = len(rows) - max_rows if max_rows is not None and len(rows) > max_rows else 0
+    if hidden:
+        rows = rows[:max_rows]
     cells = [header] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for i, r in enumerate(cells):
         mark = " *" if i and rows[i - 1][0] == best_trial else ""
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + mark)
-    done = sum(1 for r in rows if r[1] in ("completed", "pruned"))
+    if hidden:
+        lines.append(f"... {hidden} more trial(s): every row is in results.parquet")
     return (f"[study] {done}/{st.num_samples} trials done; best {st.objective} = {_fmt(best_value)} "
             f"(trial {best_trial}, marked *)\n" + "\n".join(lines))
 
@@ -457,6 +481,15 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     else:
         trial_resources = {"cpu": res.cpus_per_worker, "gpu": 1 if res.use_gpu else 0}
     trainable = tune.with_resources(trainable, trial_resources)
+    concurrency = st.max_concurrent_trials
+    if res.num_workers > 1:  # Tune sees only the trial's own CPU, not its Train workers (docs/cluster.md)
+        from study.cluster import ddp_trials_that_fit
+
+        fits = ddp_trials_that_fit(res.num_workers, res.use_gpu, res.cpus_per_worker, ray.cluster_resources())
+        if concurrency > fits:
+            print(f"[study] study.max_concurrent_trials = {concurrency}, but the cluster fits {fits} trials of "
+                  f"{res.num_workers} workers at once: running {fits} at a time", flush=True)
+            concurrency = fits
     tune_dir = folder.child("tune")
     _no_retry_on_input_errors()
     INPUT_ERRORS.clear()
@@ -471,7 +504,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                 tune_config=tune.TuneConfig(search_alg=build_searcher(space, study_dir, name,
                                                                       storage_url=storage_url),
                                             scheduler=build_scheduler(space), num_samples=st.num_samples,
-                                            max_concurrent_trials=st.max_concurrent_trials,
+                                            max_concurrent_trials=concurrency,
                                             reuse_actors=REUSE_ACTORS and (res.num_workers == 1 or reuse_supported())),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=folder.location,

@@ -31,14 +31,23 @@ paths are URIs (Ray writes checkpoints through pyarrow), a restored checkpoint i
 (``Checkpoint.to_directory``), ``train`` writes into a node-local work folder and the trial uploads its
 metrics.jsonl / train_log.jsonl to ``<study>/trials/<id>/`` at every report; reported checkpoint paths
 are URIs (:func:`checkpoint_location`).
+
+Test hook (never set it in real runs): ``BRAINAGE_TEST_TRAIN_FN=module:function`` makes every trial and
+Train worker call that function instead of ``brainage_core.training.train`` (same signature and
+callback contract; :func:`training_function`). ``bench/cluster_sim.py`` injects its stand-in this way:
+a realistic learning curve at a realistic pace, no model, through the runner's unchanged code path. A
+function with a ``torch_backend`` attribute names the process-group backend its DDP trials need (the
+stand-in's is gloo: it runs on fake GPUs, where NCCL cannot start).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +58,7 @@ from study.storage import StudyFolder, is_uri, join_location
 
 __all__ = ["TrialInputError", "input_error_of", "one_line", "TrialSpec", "run_trial", "train_worker",
            "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID", "checkpoint_location",
-           "local_checkpoint_dir", "fetch_logs", "publish_logs"]
+           "local_checkpoint_dir", "fetch_logs", "publish_logs", "training_function", "TRAIN_FN_ENV"]
 
 CHECKPOINT_PATH = "checkpoint_path"
 #: reported with every evaluation: the Ray node that ran the trial's training (rank 0 under DDP)
@@ -57,6 +66,25 @@ NODE_ID = "node_id"
 #: key of a trial config holding {dotted key: value} set after the sampled parameters (study/final.py:
 #: training.seed, training.train_on); Optuna never sees it
 EXTRA_OVERRIDES = "_overrides"
+#: test hook: "module:function" called instead of brainage_core.training.train (module docstring)
+TRAIN_FN_ENV = "BRAINAGE_TEST_TRAIN_FN"
+
+
+def training_function() -> Callable[..., Any]:
+    """The function trials train with: ``brainage_core.training.train``, or the one the test hook
+    :data:`TRAIN_FN_ENV` names. A bad hook value raises ConfigError naming the variable and value."""
+    from brainage_core.errors import ConfigError
+
+    target = os.environ.get(TRAIN_FN_ENV, "").strip() or "brainage_core.training:train"
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{TRAIN_FN_ENV}={target!r}: cannot load it ({exc}): expected module:function, "
+                          f"importable on every node") from exc
+    if not callable(fn):
+        raise ConfigError(f"{TRAIN_FN_ENV}={target!r}: not a function: expected module:function")
+    return fn
 
 
 class TrialInputError(RuntimeError):
@@ -215,8 +243,7 @@ def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> Non
     import ray.tune
     from ray.tune import Checkpoint
 
-    from brainage_core.training import train
-
+    train = training_function()
     restored = ray.tune.get_checkpoint()
     resume_from = local_checkpoint_dir(restored) if restored is not None else None
     work_dir, logs_at = spec.work_dir(trial_id), spec.logs_location(trial_id)
@@ -283,7 +310,8 @@ def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -
                            "num_workers": res.num_workers, "logs_location": spec.logs_location(trial_id)},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=getattr(training_function(), "torch_backend", None)
+                                 or ("nccl" if res.use_gpu else "gloo")),
         run_config=RunConfig(
             name=f"trial_{trial_id}",
             storage_path=spec.train_storage,
@@ -308,8 +336,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from brainage_core.training import train
-
+    train = training_function()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     restored = ray.train.get_checkpoint()
