@@ -42,7 +42,8 @@ def leaderboard(df: pd.DataFrame, metric: str = "val_lc", top: int | None = None
     """One row per finished trial (its best evaluation by ``metric``), best first.
 
     Columns: ``rank``, ``study``, ``trial_id``, ``method``, the searched parameters (``param.`` dropped),
-    ``epoch``, the validation and test metrics, ``leaked``.
+    ``epoch``, the validation and test metrics, ``protocol`` (the probe protocol of that evaluation, ``exact``
+    or ``fast``; ``exact`` for results written before the column existed), ``leaked``.
     """
     best = best_rows(df, metric)
     if top is not None:
@@ -52,7 +53,8 @@ def leaderboard(df: pd.DataFrame, metric: str = "val_lc", top: int | None = None
     metrics = [m for m in LEADERBOARD_METRICS if m in best.columns]
     if metric not in metrics:
         metrics.insert(0, metric)
-    table = best[["rank", "study", "trial_id", "method", *params, "epoch", *metrics, "leaked"]]
+    best = best.assign(protocol=best["protocol"].fillna("exact") if "protocol" in best.columns else "exact")
+    table = best[["rank", "study", "trial_id", "method", *params, "epoch", *metrics, "protocol", "leaked"]]
     return table.rename(columns={c: c[len("param."):] for c in params}).reset_index(drop=True)
 
 

@@ -81,6 +81,7 @@ KERNEL_METHODS = ("yaware", "threshold", "expw")  # methods that need loss.kerne
 FORM_METHODS = ("threshold", "expw")  # methods that accept loss.form
 KERNELS = ("gaussian", "rbf", "cauchy")
 GRIDS = ("full", "3mm", "6mm")
+PROBE_PROTOCOLS = ("exact", "fast")  # brainage_core.evaluation.probes.PROTOCOLS
 RNC_DEFAULT_TEMPERATURE = 2.0
 
 
@@ -231,6 +232,10 @@ class EvaluationConfig:
     val_seed: int = _f(0, ge=0)
     batch_size: int = _f(32, ge=1)
     test: bool = _f(True)
+    # Probe protocol (docs/probes.md): "fast" for the evaluations during training (selection, ASHA),
+    # final_protocol for the last evaluation of a run, study/final.py and the probes of study/export.py.
+    protocol: str = _f("fast", choices=PROBE_PROTOCOLS)
+    final_protocol: str = _f("exact", choices=PROBE_PROTOCOLS)
 
 
 @dataclass
