@@ -64,7 +64,9 @@ def leaderboard(df: pd.DataFrame, metric: str = "val_lc", top: int | None = None
     Columns: ``rank``, ``study``, ``trial_id``, ``method``, the searched parameters (``param.`` dropped),
     ``epoch``, the validation and test metrics each followed by its baseline when the results have it
     (``*_mae_*_const``: predicting the training median age; ``*_bacc_chance``), ``beats_const`` (True
-    when every validation MAE is below its constant baseline; absent without baselines), ``leaked``.
+    when every validation MAE is below its constant baseline; absent without baselines), ``protocol``
+    (the probe protocol of that evaluation, ``exact`` or ``fast``; ``exact`` for results written before
+    the column existed), ``leaked``.
     """
     best = best_rows(df, metric)
     if top is not None:
@@ -79,7 +81,8 @@ def leaderboard(df: pd.DataFrame, metric: str = "val_lc", top: int | None = None
     if "val_mae_int_const" in best.columns or "val_mae_ext_const" in best.columns:
         best = best.assign(beats_const=beats_constant(best))
         extra = ["beats_const"]
-    table = best[["rank", "study", "trial_id", "method", *params, "epoch", *metrics, *extra, "leaked"]]
+    best = best.assign(protocol=best["protocol"].fillna("exact") if "protocol" in best.columns else "exact")
+    table = best[["rank", "study", "trial_id", "method", *params, "epoch", *metrics, *extra, "protocol", "leaked"]]
     return table.rename(columns={c: c[len("param."):] for c in params}).reset_index(drop=True)
 
 

@@ -84,6 +84,7 @@ KERNEL_METHODS = loss_registry.KERNEL_METHODS  # methods that need loss.kernel
 FORM_METHODS = loss_registry.FORM_METHODS  # methods that accept loss.form
 KERNELS = loss_registry.KERNELS
 GRIDS = ("full", "3mm", "6mm")
+PROBE_PROTOCOLS = ("exact", "fast")  # brainage_core.evaluation.probes.PROTOCOLS
 
 
 def _spec(
@@ -221,6 +222,10 @@ class EvaluationConfig:
     val_seed: int = _f(0, ge=0)
     batch_size: int = _f(32, ge=1)
     test: bool = _f(True)
+    # Probe protocol (docs/probes.md): "fast" for the evaluations during training (selection, ASHA),
+    # final_protocol for the last evaluation of a run, study/final.py and the probes of study/export.py.
+    protocol: str = _f("fast", choices=PROBE_PROTOCOLS)
+    final_protocol: str = _f("exact", choices=PROBE_PROTOCOLS)
 
 
 @dataclass

@@ -20,7 +20,9 @@ An existing, non-empty ``--out`` is refused unless ``--force`` (its files are th
 exported evaluation's row of ``results.parquet``), ``study``, ``trial_id``, ``epoch``, ``rank``, ``metric``,
 ``checkpoint``, ``store`` and ``store_fingerprint``, ``age_probe`` (a fitted scikit-learn Ridge: features ->
 age in years, fitted on the store's train split minus the validation parts — the rows the ``val_*``
-probes were fitted on), ``age_probe_alpha``, ``bias_correction`` (``slope``, ``intercept`` of
+probes were fitted on; with ``evaluation.final_protocol: fast`` the equal
+``brainage_core.evaluation.fast_probes.LinearRegressor``), ``age_probe_protocol``, ``age_probe_alpha``,
+``bias_correction`` (``slope``, ``intercept`` of
 predicted = slope · age + intercept fitted on the validation parts; corrected gap = predicted −
 (slope · age + intercept)), ``model_spec`` and ``versions``.
 """
@@ -202,9 +204,12 @@ def _fit_probe_and_bias(model, store, config: dict, *, device: str, batch_size: 
     train_rows = split.train_rows
     val_rows = np.sort(np.concatenate([split.val_internal_rows, split.val_external_rows]))
     x_train = extract_features(model, array, train_rows, batch_size=batch_size, device=device)
-    probe = fit_age_probe(x_train, ages.loc[train_rows].to_numpy())
+    protocol = str(ecfg.get("final_protocol", "exact"))
+    probe = fit_age_probe(x_train, ages.loc[train_rows].to_numpy(), protocol=protocol,
+                          device=device if protocol == "fast" else None)
     out: dict[str, Any] = {
         "age_probe": probe.estimator,
+        "age_probe_protocol": protocol,
         "age_probe_alpha": probe.param.get("alpha"),
         "age_probe_cv_r2": probe.cv_score,
         "age_probe_rows": int(train_rows.size),

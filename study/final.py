@@ -87,13 +87,15 @@ def final_trials(space: SearchSpace, top: pd.DataFrame, seeds: int) -> list[dict
     from study.trial import EXTRA_OVERRIDES
 
     epochs = space.config.training.epochs
+    final_protocol = space.config.evaluation.final_protocol  # the one evaluation of a final run
     items = []
     for rank, row in enumerate(top.to_dict("records"), start=1):
         values = {k: row.get(f"param.{k}") for k in space.keys}
         sampled = space.sampled_from_values(values)
         for seed in range(seeds):
             extra = {"training.train_on": "train", "training.seed": seed, "training.epochs": epochs,
-                     "evaluation.eval_every": epochs, "evaluation.test": True}
+                     "evaluation.eval_every": epochs, "evaluation.test": True,
+                     "evaluation.protocol": final_protocol}
             items.append({**sampled, EXTRA_OVERRIDES: extra,
                           "_final": {"rank": rank, "source_trial_id": str(row["trial_id"]), "seed": seed,
                                      "params": {k: v for k, v in values.items() if _present(v)}}})

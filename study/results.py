@@ -8,7 +8,8 @@ keeps its rows; a row is identified by ``(trial_id, epoch)`` and a re-report of 
 
 Columns (``docs/interfaces.md``): ``trial_id``, ``param.<dotted.key>`` for every searched key (the value
 the trial ran with; null where a conditional parameter does not apply), ``epoch``, every reported
-metric (``train_loss``, ``val_*``, ``test_*``...), ``leaked``, ``status`` (``running`` while the trial
+metric (``train_loss``, ``val_*``, ``test_*``...), ``protocol`` (the probes' protocol of that evaluation,
+``fast`` or ``exact``; docs/probes.md), ``leaked``, ``status`` (``running`` while the trial
 runs, then ``completed``, ``pruned`` (stopped early by ASHA) or ``error``), ``checkpoint_path``,
 ``wall_s`` (seconds of the trial's training since it first started, summed over restarts),
 ``compute_s`` (``wall_s`` x number of workers: worker-seconds), ``seed`` (``training.seed``),

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss", "val_mae_int", "val_mae_ext",
                     "val_bacc", "test_mae_int", "test_mae_ext", "leaked", "status", "checkpoint_path", "wall_s",
-                    "compute_s", "seed", "store_fingerprint", "git_commit", "versions"}
+                    "compute_s", "seed", "store_fingerprint", "git_commit", "versions", "protocol"}
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -75,6 +75,8 @@ def test_smoke_study_with_ddp_trials(ray_address, cache, tmp_path):
     assert EXPECTED_COLUMNS <= set(df.columns), EXPECTED_COLUMNS - set(df.columns)
     assert df["trial_id"].nunique() == 2
     assert sorted(df.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2], [1, 2]]
+    # the fast probes during the trial, the exact protocol for its last evaluation
+    assert df.sort_values("epoch").groupby("trial_id")["protocol"].apply(list).tolist() == [["fast", "exact"]] * 2
     assert (df["status"] == "completed").all()
     assert df["checkpoint_path"].notna().all()
     assert (df["compute_s"] - 2 * df["wall_s"]).abs().max() < 1e-6  # 2 DDP workers

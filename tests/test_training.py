@@ -87,6 +87,9 @@ def test_two_epochs_write_metrics_and_checkpoint(store_path, tmp_path):
     for name in CONTRACT_METRICS:
         assert name in records[-1], name
     assert records[-1]["leaked"] is False
+    # evaluation.protocol (fast) during the run, evaluation.final_protocol (exact) for its last evaluation
+    assert [r["protocol"] for r in records] == ["fast", "exact"]
+    assert set(records[0]) == set(records[1])
     assert math.isfinite(records[-1]["train_loss"]) and records[-1]["wall_s"] > 0
     assert metrics == records[-1]
     # callback: rank 0 gets every evaluation with the checkpoint folder

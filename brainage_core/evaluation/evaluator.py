@@ -18,6 +18,9 @@ Probes are never fit on test subjects. ``leaked`` is True when the model was tra
 (``training.train_on: all``, or a participant id present both in the training rows and a test split);
 every test metric of that evaluation must then be reported as leaked. Missing parts (no test splits,
 a validation fraction of 0, ``train_on`` other than ``train_minus_val`` for ``val_*``) give NaN.
+
+``protocol`` (``exact`` | ``fast``, ``docs/probes.md``): how the probes are fitted; the fast protocol
+fits them on the evaluation device from the features extracted there.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from brainage_core.data.store import require_known_ages
 from brainage_core.errors import ConfigError, NonFiniteLossError
 from brainage_core.evaluation.features import extract_features
-from brainage_core.evaluation.probes import fit_age_probe, fit_site_probe
+from brainage_core.evaluation.probes import PROTOCOLS, fit_age_probe, fit_site_probe
 from brainage_core.evaluation.scores import balanced_accuracy, challenge_scores, chance_balanced_accuracy, mae, rmse
 from brainage_core.evaluation.validation import ValidationSplit, make_validation_split
 
@@ -80,7 +83,8 @@ class Evaluator:
 
     ``store``: a :class:`brainage_core.data.store.Store` (needs ``splits``, ``site_labels``, ``array(split)``,
     ``table(split)`` with columns participant_id, age, site, row). ``evaluation``: the config's
-    ``EvaluationConfig`` (``val_internal_frac``, ``val_external_frac``, ``val_seed``, ``batch_size``, ``test``).
+    ``EvaluationConfig`` (``val_internal_frac``, ``val_external_frac``, ``val_seed``, ``batch_size``, ``test``,
+    ``protocol``: the default of :meth:`evaluate`; a config without it means ``exact``).
     ``train_on``: ``training.train_on``. The validation split is computed once, here, and exposed as
     ``self.split``; ``self.training_rows`` is what the training loop must train on. ``seed`` drives the
     site probe's solver; ``n_jobs`` the probes' grid searches (scikit-learn's meaning).
@@ -178,9 +182,18 @@ class Evaluator:
         return m
 
     # -- the evaluation ----------------------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> dict[str, Any]:
+    def evaluate(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", *, protocol: str | None = None
+    ) -> dict[str, Any]:
         """Metrics of ``model``: ``val_*`` and ``test_*`` (see the module docstring), ``leaked`` (bool),
-        ``eval_s`` (seconds) and ``probe_notes`` (str; empty when the probes followed the protocol)."""
+        ``eval_s`` (seconds, feature extraction and probe fits), ``probe_notes`` (str; empty when the
+        probes followed the protocol) and ``protocol`` (``exact`` | ``fast``; None: ``evaluation.protocol``).
+        Features are extracted on ``device`` in inference mode; fast probes are fitted there too."""
+        if protocol is None:
+            protocol = getattr(self.evaluation, "protocol", "exact")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"evaluation.protocol = {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        probe_device = torch.device(device) if protocol == "fast" else None
         start = time.perf_counter()
         n_train = self.store.array("train").shape[0]
         all_rows = np.arange(n_train, dtype=np.int64)
@@ -191,8 +204,13 @@ class Evaluator:
 
         if self.split is not None:
             fit = self.split.train_rows
-            age_probe = fit_age_probe(train_X[fit], train_ages[fit], n_jobs=self.n_jobs)
-            site_probe = fit_site_probe(train_X[fit], train_sites[fit], seed=self.seed, n_jobs=self.n_jobs)
+            age_probe = fit_age_probe(
+                train_X[fit], train_ages[fit], protocol=protocol, device=probe_device, n_jobs=self.n_jobs
+            )
+            site_probe = fit_site_probe(
+                train_X[fit], train_sites[fit], protocol=protocol, device=probe_device, seed=self.seed,
+                n_jobs=self.n_jobs,
+            )
             notes += [f"val {p}: {q.note}" for p, q in (("age", age_probe), ("site", site_probe)) if q.note]
             vi, ve = self.split.val_internal_rows, self.split.val_external_rows
             val = self._score(
@@ -208,8 +226,10 @@ class Evaluator:
             val = self._score("val", None, None, None, None, n_train_sites)
 
         if self.evaluation.test and self.test_splits:
-            age_probe = fit_age_probe(train_X, train_ages, n_jobs=self.n_jobs)
-            site_probe = fit_site_probe(train_X, train_sites, seed=self.seed, n_jobs=self.n_jobs)
+            age_probe = fit_age_probe(train_X, train_ages, protocol=protocol, device=probe_device, n_jobs=self.n_jobs)
+            site_probe = fit_site_probe(
+                train_X, train_sites, protocol=protocol, device=probe_device, seed=self.seed, n_jobs=self.n_jobs
+            )
             notes += [f"test {p}: {q.note}" for p, q in (("age", age_probe), ("site", site_probe)) if q.note]
             internal = external = None
             if "internal_test" in self.test_splits:
@@ -231,4 +251,5 @@ class Evaluator:
             "leaked": bool(self.leaked),
             "eval_s": time.perf_counter() - start,
             "probe_notes": "; ".join(notes),
+            "protocol": protocol,
         }

@@ -248,7 +248,8 @@ def _format_epoch_line(epochs: int, record: Mapping[str, Any], metrics: Mapping[
                 shown.append(f"{key} {value:.3f}")
         if metrics.get("leaked"):
             shown.append("LEAKED")
-        line += "  | " + "  ".join(shown) + f"  (eval {metrics.get('eval_s', 0.0):.1f} s)"
+        protocol = f", {metrics['protocol']} probes" if metrics.get("protocol") else ""
+        line += "  | " + "  ".join(shown) + f"  (eval {metrics.get('eval_s', 0.0):.1f} s{protocol})"
     return line
 
 
@@ -285,7 +286,8 @@ def train(
       older ones are kept as ``checkpoint-epochNNNN/``).
 
     Metrics: ``epoch`` (completed epochs), ``train_loss`` (mean loss of that epoch over steps and
-    ranks), ``lr`` (of that epoch), the evaluator's ``val_*``/``test_*`` and ``leaked``, ``eval_s``,
+    ranks), ``lr`` (of that epoch), the evaluator's ``val_*``/``test_*``, ``leaked`` and ``protocol``
+    (``evaluation.protocol``, or ``evaluation.final_protocol`` at the last epoch), ``eval_s``,
     ``epoch_s`` and ``wall_s`` (training + evaluation seconds since the start, resumes included).
     Raises :class:`NonFiniteLossError` naming epoch, step and value when a loss is NaN or infinite.
     """
@@ -319,8 +321,8 @@ def train(
     # Built on every rank: it owns the validation split and hence the training rows (per train_on);
     # only rank 0 calls evaluate().
     evaluator = Evaluator(store, cfg.evaluation, train_on=tcfg.train_on, seed=tcfg.seed)
-    if rank == 0:
-        load_estimators()  # only the evaluating rank needs scikit-learn
+    if rank == 0 and "exact" in (cfg.evaluation.protocol, cfg.evaluation.final_protocol):
+        load_estimators()  # only the evaluating rank needs scikit-learn, and only for the exact protocol
     dataset = _training_dataset(store, evaluator.training_rows)
     per_rank = len(dataset) // world_size
     if per_rank < local_batch:
@@ -490,7 +492,9 @@ def train(
         if rank == 0:
             t_eval = time.perf_counter()
             view = EvaluationView(unwrap_model(net), augment, bf16=bf16, memory_format=memory_format)
-            evaluation = evaluator.evaluate(view, device)
+            # the run's last evaluation is its result: scored with evaluation.final_protocol
+            protocol = cfg.evaluation.final_protocol if epoch == tcfg.epochs else cfg.evaluation.protocol
+            evaluation = evaluator.evaluate(view, device, protocol=protocol)
             net.train()
             eval_s = time.perf_counter() - t_eval
             metrics = json_safe(
