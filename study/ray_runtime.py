@@ -64,6 +64,12 @@ DEFAULT_ENV = {
 }
 
 
+def _is_loopback_address(address: str) -> bool:
+    """Whether a GCS address ``host:port`` (or ``ray://host:port``) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @contextlib.contextmanager
 def _loopback_node():
     """During ``ray.init``: Ray treats this machine as no cluster, so that 127.0.0.1 stays its address."""
@@ -144,7 +150,12 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         url = compat.joined_dashboard_url()  # the dashboard of the Ray this process already joined
         return RayInfo(_url(url), False, ray.cluster_resources().get("CPU", 0.0), auth_token_location())
     if address:
-        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        if _is_loopback_address(address):  # a Ray started by local_ray_init: its node's address is 127.0.0.1
+            with _loopback_node():
+                context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env,
+                                   _node_ip_address=LOOPBACK)
+        else:
+            context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),
                        auth_token_location())
     needed = cpus_per_trial(resources) * max_concurrent_trials

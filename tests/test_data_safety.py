@@ -187,3 +187,12 @@ def test_ramp_rows_site_column_is_the_challenge_label():
     bad = store_rows.assign(site=["S0", "3"])
     with pytest.raises(StoreError, match="participant 'a' has site label 'S0'; expected .* integer 0-63"):
         _kit_table(bad)
+
+
+def test_out_as_a_symlink_replaces_the_target_folder(tmp_path):
+    write_cohort(tmp_path / "a")
+    prepare(tmp_path / "a", layout="openbhb", out=tmp_path / "real", progress=False)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    write_cohort(tmp_path / "b", seed=1)
+    new = prepare(tmp_path / "b", layout="openbhb", out=tmp_path / "link", progress=False)
+    assert (tmp_path / "link").is_symlink() and open_store(tmp_path / "real").fingerprint == new.fingerprint

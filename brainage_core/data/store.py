@@ -216,6 +216,8 @@ class StoreWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_symlink():  # replace the folder it points to, never the link itself
+            self.path = self.path.resolve()
         self.build = self.path.parent / f".{self.path.name}{TMP_PREFIX}{os.getpid()}"
         self._files: dict[str, Any] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
