@@ -27,7 +27,7 @@ EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss",
                     "val_bacc", "test_mae_int", "test_mae_ext", "leaked", "status", "checkpoint_path", "wall_s",
                     "compute_s", "seed", "store_fingerprint", "git_commit", "versions"}
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -255,6 +255,7 @@ def test_schedules():
         lr_factor(0, name="linear", epochs=1)
 
 
+@pytest.mark.slow
 def test_cli_fault_injection_and_resume(store_path, tmp_path, monkeypatch, capsys):
     """The CLI trains; the test-only fault hook kills it once at epoch 2; --resume finishes the run."""
     import os
@@ -302,6 +303,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out: str, resu
     exit_gloo_worker()
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_on_gloo(store_path, tmp_path):
     import socket
 
