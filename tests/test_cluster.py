@@ -30,6 +30,9 @@ from study import cluster
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
+# starts Ray or runs study commands in subprocesses (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 # --------------------------------------------------------------------------------------------------
 # Without Ray

@@ -133,6 +133,7 @@ DRIVER = textwrap.dedent(
 ).format(mask=MASK_FILE)
 
 
+@pytest.mark.slow
 def test_workflow_in_fresh_process_gives_the_model_features(world, tmp_path):
     out = tmp_path / "sub"
     proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(world["study"]), "--out", str(out),
@@ -261,6 +262,7 @@ def _evaluator_features(model, volumes: np.ndarray) -> np.ndarray:
     return extract_features(view, volumes, batch_size=4)
 
 
+@pytest.mark.slow
 def test_zscore_crop_model_is_exported_with_its_input_transform(world, augmented_study, tmp_path):
     from brainage_core.evaluation import make_validation_split
 

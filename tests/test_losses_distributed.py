@@ -5,6 +5,7 @@ gradients of one process on the concatenated batch, and the mean of their losses
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -81,6 +82,7 @@ def ddp_worker(rank: int, init_file: str, out_file: str) -> None:
     exit_gloo_worker()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "result")), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"result.{r}", weights_only=True) for r in range(WORLD_SIZE)]

@@ -25,9 +25,3 @@ def test_names_splits_and_directions():
     assert all(m.startswith("val_") for m in metrics.VALIDATION_METRICS)
     assert [m[len("test_"):] for m in metrics.TEST_METRICS] == [m[len("val_"):] for m in metrics.VALIDATION_METRICS]
 
-
-def test_study_and_final_read_the_vocabulary():
-    from study import final, space
-
-    assert space.VALIDATION_METRICS is metrics.VALIDATION_METRICS
-    assert final.TEST_METRICS is metrics.TEST_METRICS

@@ -50,6 +50,7 @@ def expected_brain_age(submission: Path, cohort: Path, layout: str, out: Path) -
     return pd.concat(parts, ignore_index=True)
 
 
+@pytest.mark.slow
 def test_predict_nifti_cohort_cli(world, tmp_path):
     out = tmp_path / "pred" / "predictions.csv"
     proc = subprocess.run(
@@ -180,6 +181,7 @@ def test_cohort_with_some_ages_missing(world, tmp_path):
         assert row["n"] == len(g) and row["mean_gap"] == pytest.approx(g["brain_age_gap"].mean())
 
 
+@pytest.mark.slow
 def test_cohort_without_an_age_column_cli(world, tmp_path):
     cohort = _cohort_copy(world, tmp_path, lambda t: t.drop(columns="age"))
     out = tmp_path / "pred.csv"

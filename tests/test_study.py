@@ -3,7 +3,8 @@
 One Ray for the whole module (started here, num_cpus=4 logical, dashboard on); each study is a real
 ``python -m study.run`` process that joins it through RAY_ADDRESS, so that the driver can be killed.
 Faults are deterministic test hooks: BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS (study.run) and
-BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE (brainage_core.training).
+BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE / _SLOW_EPOCH_S (tests/fault_site/fault_hooks.py,
+installed in the test Ray's workers by study_fixtures.start_test_ray).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss",
                     "val_bacc", "test_mae_int", "test_mae_ext", "leaked", "status", "checkpoint_path", "wall_s",
                     "compute_s", "seed", "store_fingerprint", "git_commit", "versions", "protocol"}
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from gloo_helpers import exit_gloo_worker
+from study_fixtures import fault_env
 
 from brainage_core.data.prepare import prepare
 from brainage_core.data.synthetic import generate_cohort
@@ -266,6 +267,7 @@ def test_schedules():
         lr_factor(0, name="linear", epochs=1)
 
 
+@pytest.mark.slow
 def test_cli_fault_injection_and_resume(store_path, tmp_path, monkeypatch, capsys):
     """The CLI trains; the test-only fault hook kills it once at epoch 2; --resume finishes the run."""
     import os
@@ -275,7 +277,7 @@ def test_cli_fault_injection_and_resume(store_path, tmp_path, monkeypatch, capsy
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(make_config(store_path, training={"epochs": 1})))
     once = tmp_path / "fired"
-    env = {**os.environ, "BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_ONCE_FILE": str(once)}
+    env = fault_env({**os.environ, "BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_ONCE_FILE": str(once)})
     cmd = [sys.executable, "-m", "brainage_core.training", str(config), "training.epochs=2", "--out",
            str(tmp_path / "out"), "--quiet"]
     killed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -313,6 +315,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out: str, resu
     exit_gloo_worker()
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_on_gloo(store_path, tmp_path):
     import socket
 
@@ -355,3 +358,18 @@ def test_store_with_unknown_ages_is_refused_with_a_clear_error(store_path, tmp_p
     assert str(store) in message and "2 participant(s) without age" in message
     assert all(repr(pid) in message for pid in blank) and "require_age=False" in message
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def test_epoch_start_hooks_are_called_and_removable(store_path, tmp_path):
+    """The library reads no fault variables: callers (the tests) supply epoch-start hooks."""
+    from brainage_core.training import loop
+
+    seen = []
+    remove = loop.add_epoch_start_hook(lambda epoch, rank: seen.append((epoch, rank)))
+    try:
+        train(make_config(store_path, training={"epochs": 2}), tmp_path / "a")
+    finally:
+        remove()
+    assert seen == [(1, 0), (2, 0)]
+    train(make_config(store_path, training={"epochs": 1}), tmp_path / "b")
+    assert seen == [(1, 0), (2, 0)] and loop.EPOCH_START_HOOKS == []

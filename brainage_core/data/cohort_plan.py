@@ -24,6 +24,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from brainage_core.data.layout import PARTICIPANTS_COLUMNS, VOLUME_COLUMNS
 from brainage_core.errors import ConfigError
 
 #: Split names, in plan order (their folders: brainage_core.data.layout.SPLIT_FOLDERS).
@@ -43,19 +44,8 @@ SUBJECT_STREAM = 2
 #: participant_id of plan row i is ``str(ID_OFFSET + i)`` (numeric, no leading zeros).
 ID_OFFSET = 100000
 
-PLAN_COLUMNS: tuple[str, ...] = (
-    "participant_id",
-    "study",
-    "sex",
-    "age",
-    "site",
-    "diagnosis",
-    "magnetic_field_strength",
-    "acquisition_setting",
-    "siteXacq",
-    "split",
-    "index",
-)
+#: the participants.tsv columns but the volume figures, then the plan row index
+PLAN_COLUMNS: tuple[str, ...] = (*(c for c in PARTICIPANTS_COLUMNS if c not in VOLUME_COLUMNS), "index")
 
 _QUANTILE_LEVELS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _QUANTILE_KEYS = ("age_min", "age_q25", "age_median", "age_q75", "age_max")

@@ -18,8 +18,16 @@ RAMP flat rows hold the VBM voxels where the CAT12 grey-matter probability map e
 
 from __future__ import annotations
 
-__all__ = ["MASK_THRESHOLD", "OPENBHB_SUFFIX", "SESSION", "SPLIT_FOLDERS", "openbhb_glob", "split_folder",
-           "subject_relpath"]
+__all__ = ["MASK_THRESHOLD", "OPENBHB_SUFFIX", "PARTICIPANTS_COLUMNS", "SESSION", "SPLIT_FOLDERS", "VOLUME_COLUMNS",
+           "openbhb_glob", "split_folder", "subject_relpath"]
+
+#: the columns of the distribution's ``participants.tsv``, in its order
+PARTICIPANTS_COLUMNS: tuple[str, ...] = (
+    "participant_id", "study", "sex", "age", "site", "diagnosis", "tiv", "csfv", "gmv", "wmv",
+    "magnetic_field_strength", "acquisition_setting", "siteXacq", "split",
+)
+#: the volume figures among them (millilitres; computed from each subject's maps)
+VOLUME_COLUMNS: tuple[str, ...] = ("tiv", "csfv", "gmv", "wmv")
 
 #: per-subject file name suffix, by modality
 OPENBHB_SUFFIX: dict[str, str] = {

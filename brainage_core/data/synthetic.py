@@ -67,28 +67,13 @@ from brainage_core.data.cohort_plan import (
     SUBJECT_STREAM,
     plan_cohort,
 )
-from brainage_core.data.layout import subject_relpath
+from brainage_core.data.layout import PARTICIPANTS_COLUMNS, subject_relpath
 from brainage_core.data.synthetic_anatomy import field_weights, load_anatomy, smooth_field
 from brainage_core.errors import ConfigError
 from brainage_core.grids import GRID_FACTORS, GRID_NAMES, check_grid
 
 #: participants.tsv columns, in the real OpenBHB order (NIfTI output appends ``path``).
-TABLE_COLUMNS: tuple[str, ...] = (
-    "participant_id",
-    "study",
-    "sex",
-    "age",
-    "site",
-    "diagnosis",
-    "tiv",
-    "csfv",
-    "gmv",
-    "wmv",
-    "magnetic_field_strength",
-    "acquisition_setting",
-    "siteXacq",
-    "split",
-)
+TABLE_COLUMNS: tuple[str, ...] = PARTICIPANTS_COLUMNS
 FORMATS: tuple[str, ...] = ("openbhb", "nifti")
 
 #: Bumped whenever the generative model changes what a (seed, subject) pair produces, so that

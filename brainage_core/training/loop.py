@@ -22,12 +22,9 @@ and a restore of the RNG state, so how often one evaluates never changes the tra
 resumed run restores every RNG state of every rank and reads the same batches, so it continues exactly
 as an uninterrupted run would (on the CPU; CUDA kernels are not all deterministic).
 
-Test-only fault injection (used by the study runner's tests to simulate a dying worker; never set it
-in real runs): with ``BRAINAGE_FAULT_KILL_AT_EPOCH=k`` the process sends itself SIGKILL at the start of
-epoch ``k``; ``BRAINAGE_FAULT_RANK=r`` restricts this to rank ``r``; with
-``BRAINAGE_FAULT_ONCE_FILE=path`` it fires only if ``path`` does not exist, and creates it first (so the
-restarted worker survives). ``BRAINAGE_FAULT_SLOW_EPOCH_S=s`` sleeps ``s`` seconds at the start of every
-epoch (simulates long epochs, e.g. to check that a stopped trial's run is aborted mid-training).
+Epoch-start hooks: every function in :data:`EPOCH_START_HOOKS` (:func:`add_epoch_start_hook`) is called
+as ``hook(epoch, rank)`` at the start of each epoch. The library registers none; the tests supply their
+fault injection (a dying worker, slow epochs) this way (``tests/fault_site/fault_hooks.py``).
 """
 
 from __future__ import annotations
@@ -35,10 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -72,11 +67,8 @@ from brainage_core.training.schedules import build_optimizer, build_scheduler
 
 log = logging.getLogger("brainage_core.training")
 
-#: environment variables of the test-only fault injection (see the module docstring)
-FAULT_KILL_AT_EPOCH = "BRAINAGE_FAULT_KILL_AT_EPOCH"
-FAULT_RANK = "BRAINAGE_FAULT_RANK"
-FAULT_ONCE_FILE = "BRAINAGE_FAULT_ONCE_FILE"
-FAULT_SLOW_EPOCH_S = "BRAINAGE_FAULT_SLOW_EPOCH_S"
+#: functions called as ``hook(epoch, rank)`` at the start of every epoch (see the module docstring)
+EPOCH_START_HOOKS: list[Callable[[int, int], None]] = []
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -195,27 +187,11 @@ class EvaluationView(torch.nn.Module):
         return self._run(self.model, x)
 
 
-def _maybe_inject_fault(epoch: int, rank: int) -> None:
-    """Test-only: sleep ``BRAINAGE_FAULT_SLOW_EPOCH_S``; SIGKILL this process at the start of epoch
-    ``BRAINAGE_FAULT_KILL_AT_EPOCH``."""
-    slow = os.environ.get(FAULT_SLOW_EPOCH_S)
-    if slow:
-        time.sleep(float(slow))
-    at = os.environ.get(FAULT_KILL_AT_EPOCH)
-    if not at or int(at) != epoch:
-        return
-    only_rank = os.environ.get(FAULT_RANK)
-    if only_rank not in (None, "") and int(only_rank) != rank:
-        return
-    once = os.environ.get(FAULT_ONCE_FILE)
-    if once:
-        once_path = Path(once)
-        if once_path.exists():
-            return
-        once_path.parent.mkdir(parents=True, exist_ok=True)
-        once_path.write_text(f"killed rank {rank} at epoch {epoch}\n")
-    log.warning("fault injection: killing rank %d (pid %d) at the start of epoch %d", rank, os.getpid(), epoch)
-    os.kill(os.getpid(), signal.SIGKILL)
+def add_epoch_start_hook(hook: Callable[[int, int], None]) -> Callable[[], None]:
+    """Call ``hook(epoch, rank)`` at the start of every epoch of every later :func:`train` in this
+    process (epoch 1-based); returns a function that removes it."""
+    EPOCH_START_HOOKS.append(hook)
+    return lambda: EPOCH_START_HOOKS.remove(hook) if hook in EPOCH_START_HOOKS else None
 
 
 def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
@@ -419,7 +395,8 @@ def train(
     t_start = time.perf_counter()
 
     for epoch in range(start_epoch + 1, tcfg.epochs + 1):
-        _maybe_inject_fault(epoch, rank)
+        for hook in tuple(EPOCH_START_HOOKS):
+            hook(epoch, rank)
         t_epoch = time.perf_counter()
         net.train()
         sampler.set_epoch(epoch)
