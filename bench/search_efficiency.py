@@ -111,10 +111,51 @@ class Table:
             self._rows[int(cid)] = records
             self._by_values[tuple(records[0][c] for c in self.param_cols)] = int(cid)
         self.eval_epochs = sorted(int(e) for e in frame["epoch"].unique())
+        self.full_search = copy.deepcopy(self.raw_space["search"])
+        self.dropped = self._restrict_to_complete_subgrid()
         self.epochs = int(self.raw_space["training"]["epochs"])
         if self.eval_epochs[-1] != self.epochs:
             raise DataError(f"{source}: last evaluation at epoch {self.eval_epochs[-1]}, training.epochs = "
                             f"{self.epochs}: expected every configuration evaluated at its last epoch")
+
+    def _restrict_to_complete_subgrid(self) -> dict[str, list[Any]]:
+        """A partial table (configurations missing): drop choice values from the search block, greedily, until
+        every remaining combination is in the table, so that the replays search a grid the table covers.
+        Returns the dropped values per key (empty for a complete table)."""
+        search = self.raw_space["search"]
+        values = {k: list(search[k]["choice"]) for k in self.keys}
+        dropped: dict[str, list[Any]] = {}
+
+        def missing(vals: dict[str, list[Any]]) -> int:
+            return sum(tuple(_plain(x) for x in combo) not in self._by_values for combo in product(*vals.values()))
+
+        while missing(values):
+            best = None
+            for k, vs in values.items():
+                if len(vs) < 2:
+                    continue
+                for v in vs:
+                    trial = {**values, k: [x for x in vs if x != v]}
+                    n = math.prod(len(x) for x in trial.values())
+                    key = (missing(trial), -n)
+                    if best is None or key < best[0]:
+                        best = (key, k, v)
+            if best is None:
+                from brainage_core.errors import DataError
+
+                raise DataError(f"{self.source}: no complete sub-grid: expected at least one configuration")
+            _, k, v = best
+            values[k] = [x for x in values[k] if x != v]
+            dropped.setdefault(k, []).append(v)
+        for k in self.keys:
+            search[k] = {"choice": values[k]}
+        return dropped
+
+    @property
+    def searched_configs(self) -> list[int]:
+        """The configurations of the (possibly restricted) search block."""
+        vals = [self.raw_space["search"][k]["choice"] for k in self.keys]
+        return sorted(self._by_values[tuple(_plain(x) for x in combo)] for combo in product(*vals))
 
     @classmethod
     def load(cls, path: str | Path) -> Table:
@@ -134,7 +175,8 @@ class Table:
 
     @property
     def config_ids(self) -> list[int]:
-        return sorted(self._rows)
+        """The configurations the replays search (all of a complete table)."""
+        return self.searched_configs
 
     def config_id(self, values: Mapping[str, Any]) -> int:
         """The configuration of dotted ``values`` (as ``SearchSpace.overrides`` gives them)."""
@@ -155,7 +197,7 @@ class Table:
 
     def best(self, metric: str = OBJECTIVE) -> tuple[int, float]:
         """(configuration, value) with the lowest ``metric`` at the last epoch."""
-        finals = {cid: rows[-1][metric] for cid, rows in self._rows.items()}
+        finals = {cid: self._rows[cid][-1][metric] for cid in self.config_ids}
         cid = min(finals, key=lambda c: finals[c])
         return cid, float(finals[cid])
 
@@ -487,7 +529,9 @@ def summarise(table: Table, replays: dict[str, list[Replay]], budget: int) -> di
     from scipy.stats import spearmanr
 
     out: dict[str, Any] = {
-        "table": {"configs": len(table.config_ids), "epochs": table.epochs, "eval_epochs": table.eval_epochs,
+        "table": {"configs": len(table.config_ids), "configs_in_table": len(table._rows),
+                  "values_left_out_of_the_replays": table.dropped, "full_grid": table.full_search,
+                  "epochs": table.epochs, "eval_epochs": table.eval_epochs,
                   "best_val_lc": best, "best_config_id": best_id, "best_config_test_lc": finals[best_id].get("test_lc"),
                   "within_2pct_target": within, "configs_within_2pct": int((val <= within).sum()),
                   "best_test_lc": float(np.nanmin(test)), "median_val_lc": float(np.median(val)),

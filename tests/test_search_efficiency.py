@@ -158,3 +158,16 @@ def test_a_bad_table_gets_one_clear_error(tmp_path):
         search_efficiency.Table.load(tmp_path / "missing.parquet")
     with pytest.raises(DataError, match="no column 'val_lc'"):
         search_efficiency.Table(pd.DataFrame({"config_id": [0], "epoch": [2]}), {}, _raw_space(), source="t.parquet")
+
+
+def test_a_partial_table_is_replayed_on_a_complete_sub_grid(table):
+    tab, _ = table
+    frame = tab.frame
+    # configurations 0 and 1 (temperature 0.05, rbf, sigma 0.5, both forms) were not trained: the largest
+    # complete sub-grid leaves one value out (temperature 0.05: 16 configurations, rather than 12)
+    part = search_efficiency.Table(frame[~frame["config_id"].isin([0, 1])], {}, _raw_space(), source="partial")
+    assert sum(len(v) for v in part.dropped.values()) == 1
+    assert len(part.config_ids) == 16 and not {0, 1} & set(part.config_ids)  # temperature 0.05 left out
+    for name in ("grid_listed", "tpe_asha", "random"):
+        rep = search_efficiency.replay(part, name, 0, budget=12 * EPOCHS)
+        assert {t["config_id"] for t in rep.trials} <= set(part.config_ids)
