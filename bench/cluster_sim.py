@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import threading
@@ -230,6 +231,7 @@ class Probe:
         self.results_writes: list[tuple[float, int, float]] = []  # (t, rows, seconds)
         self.optuna_writes: list[tuple[float, str, float]] = []
         self.finished = 0
+        self.delivered: dict[str, set[int]] = {}  # trial id -> epochs whose result reached the driver
         self.tune_times: dict[str, dict[str, float]] = {}  # trial id -> {"start": t, "end": t} (driver's view)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sim-probe", daemon=True)
@@ -265,6 +267,15 @@ class Probe:
                 return _original(self_, **info)
 
             setattr(CallbackList, hook, timed_hook)
+        on_result = CallbackList.on_trial_result
+
+        def delivered(self_: Any, **info: Any) -> Any:
+            trial, result = info.get("trial"), info.get("result") or {}
+            if trial is not None and "epoch" in result:  # what the driver received (ASHA may have stopped
+                probe.delivered.setdefault(trial.trial_id, set()).add(int(result["epoch"]))  # the rest)
+            return on_result(self_, **info)
+
+        CallbackList.on_trial_result = delivered
         for name in self.OPTUNA_WRITES:
             original = getattr(optuna.storages.RDBStorage, name)
 
@@ -376,11 +387,17 @@ def analyse(events: dict[str, list[dict]], probe: Probe, *, gpus: int, epoch_s: 
 
     df = pd.read_parquet(study_dir / "results.parquet")
     problems = []
+    after_stop = 0  # epochs a stopped trial's stand-in still ran before its Train run was aborted
     for trial, ev in events.items():
         reported = {int(e["epoch"]) for e in ev if e["e"] == "report"}
+        got = probe.delivered.get(trial, set())
         rows = set(df.loc[df["trial_id"] == trial, "epoch"].astype(int))
-        if reported - rows:
-            problems.append(f"trial {trial}: epochs {sorted(reported - rows)} reported but not in results.parquet")
+        after_stop += len(reported - got)
+        if got != rows:
+            problems.append(f"trial {trial}: the driver received epochs {sorted(got)}, results.parquet holds "
+                            f"{sorted(rows)}")
+        if not got:
+            problems.append(f"trial {trial}: no result reached the driver")
     statuses = df.groupby("trial_id")["status"].last()
     for trial, status in statuses.items():
         if status not in ("completed", "pruned"):
@@ -411,6 +428,7 @@ def analyse(events: dict[str, list[dict]], probe: Probe, *, gpus: int, epoch_s: 
         "scheduling_latency_s": _stats(latencies),
         "slot_to_running_trial_s": _stats(slot_latencies),
         "trial_start_s": _stats(start_overheads),
+        "epochs_run_after_stop": after_stop,
         "trials_over_several_nodes": sum(1 for n in nodes_per_trial.values() if n > 1),
         "wall_s": wall, "ideal_s": ideal, "wall_over_ideal": wall / ideal if ideal else None,
         "driver_rss": {"start_mb": rss[0][2] / 2**20 if rss else None, "end_mb": rss[-1][2] / 2**20 if rss else None,
@@ -520,12 +538,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     watcher = threading.Thread(target=watch_ray_memory, daemon=True)
     watcher.start()
     error = None
+    interrupted = threading.Event()
+
+    def interrupt() -> None:  # Tune's first SIGINT ends the study gracefully: what ran is still measured
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(args.max_wall_s, interrupt) if args.max_wall_s else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     t_start = time.time()
+    study_dir = tmp / "studies" / "sim"
     try:
-        study_dir = runner.run_study(space, name="sim", storage=tmp / "studies")
+        runner.run_study(space, name="sim", storage=tmp / "studies")
     except Exception as exc:  # noqa: BLE001 - reported, then re-raised after the clean-up
         error = exc
+    except KeyboardInterrupt:
+        if not interrupted.is_set():
+            raise
     t_end = time.time()
+    if timer is not None:
+        timer.cancel()
     probe.stop()
     watcher.join(5)
     try:
@@ -544,6 +578,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "training": "bench.cluster_sim.standin_train through BRAINAGE_TEST_TRAIN_FN (sleep per epoch, synthetic "
                     "learning curve; no model, no data loading, no GPU kernels)"}
     report["ray_processes_peak_rss_mb"] = ray_peak[0]
+    report["interrupted_after_s"] = args.max_wall_s if interrupted.is_set() else None
     report.update(analyse(load_events(events), probe, gpus=args.gpus, epoch_s=args.epoch_s, t_start=t_start,
                           t_end=t_end, study_dir=study_dir))
     return report
@@ -563,6 +598,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--searcher", default="tpe")
     p.add_argument("--concurrency", type=int, default=0,
                    help="study.max_concurrent_trials (default: GPUs / GPUs per trial)")
+    p.add_argument("--max-wall-s", type=float, default=0.0,
+                   help="end the study (SIGINT, as Ctrl-C) after this many seconds and measure what ran")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")
     p.add_argument("--cache", type=Path, help="BRAINAGE_CACHE (the tiny store; default: inside the workdir)")
