@@ -36,6 +36,10 @@ class Quantity:
 QUANTITIES: dict[str, Quantity] = {q.name: q for q in (
     Quantity("mae_int", "min", True, "years", "age MAE on the internal part (sites seen in training)"),
     Quantity("mae_ext", "min", True, "years", "age MAE on the external part (sites never seen in training)"),
+    Quantity("mae_int_const", None, False, "years",
+             "baseline: MAE on the internal part of predicting the fit rows' median age for everyone"),
+    Quantity("mae_ext_const", None, False, "years",
+             "baseline: MAE on the external part of predicting the fit rows' median age for everyone"),
     Quantity("rmse_int", "min", True, "years", "age RMSE on the internal part"),
     Quantity("rmse_ext", "min", True, "years", "age RMSE on the external part"),
     # lower is better for the challenge (less site leakage), but a study may maximise it on purpose

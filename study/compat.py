@@ -19,16 +19,18 @@ one. :data:`EARLY_STOPPED` is the one piece of state shared between the schedule
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr",
            "controller_start_method", "datasets_callback_class", "default_callbacks_method", "enable_token_auth",
-           "failure_policy_classes", "joined_dashboard_url", "missing", "optuna_completed",
+           "failure_policy_classes", "joined_dashboard_url", "loopback_node", "missing", "optuna_completed",
            "optuna_intermediate_values", "optuna_study", "optuna_trials", "report_queue",
-           "train_report_logger_name", "tune_session", "worker_group_callback_class"]
+           "train_report_logger_name", "tune_session", "user_exception_class", "worker_group_callback_class"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "study/searcher.py", "the Optuna study, told PRUNED / FAIL directly"),
     PrivateSymbol("optuna.trial._trial", "Trial.__init__:_trial_id", "instance attribute", "study/searcher.py",
                   "the storage id, to read a live trial's intermediate values"),
+    PrivateSymbol("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "import", "study/ray_runtime.py",
+                  "cleared during ray.init so that a local Ray keeps 127.0.0.1 as its node address"),
+    PrivateSymbol("ray.train.v2._internal.exceptions", "UserExceptionWithTraceback", "import",
+                  "tests/test_study_failures.py", "the wrapper Train puts around a worker's exception"),
     PrivateSymbol("ray._private.authentication.authentication_token_setup", "_enable_token_auth", "import",
                   "tests/test_cluster.py", "token authentication for a test Ray started in-process"),
 )
@@ -199,6 +205,27 @@ def joined_dashboard_url() -> str | None:
         return ray._private.worker.global_worker.node.webui_url
     except AttributeError:
         return None
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """While inside: Ray treats this machine as no cluster (``ENABLE_RAY_CLUSTER`` off), so that a Ray
+    started with ``_node_ip_address="127.0.0.1"`` keeps that address for every listener."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def user_exception_class() -> type:
+    """Train V2's ``UserExceptionWithTraceback`` (the wrapper of a worker's own exception; tests build one)."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    return UserExceptionWithTraceback
 
 
 def enable_token_auth() -> None:

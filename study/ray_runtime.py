@@ -8,7 +8,8 @@
 - A local Ray listens on loopback only (:func:`local_ray_init`): its node address is 127.0.0.1, so that
   the GCS, raylet, object manager, dashboard agent and metrics servers bind 127.0.0.1 instead of every
   interface (Ray 2.60 resolves "127.0.0.1" to the host's address unless told it is no cluster:
-  ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` is cleared during ``ray.init``). Clusters keep their
+  Ray's private ``ENABLE_RAY_CLUSTER`` constant is cleared during ``ray.init``, :func:`study.compat.loopback_node`).
+  Clusters keep their
   own addresses. A start whose node does not register within Ray's fixed 30 s (a loaded machine, the
   agents of a SIGKILLed study's Ray still exiting) is tried again, up to :data:`START_ATTEMPTS` times.
 - Train's state tracking is on (``RAY_TRAIN_ENABLE_STATE_TRACKING=1``, also in the job's env_vars, as
@@ -22,7 +23,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -70,17 +70,9 @@ def _is_loopback_address(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-@contextlib.contextmanager
 def _loopback_node():
     """During ``ray.init``: Ray treats this machine as no cluster, so that 127.0.0.1 stays its address."""
-    from ray._private import ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
+    return compat.loopback_node()
 
 
 def local_ray_init(**kwargs) -> object:

@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 from study_fixtures import start_test_ray
 
+from study import compat
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss", "val_mae_int", "val_mae_ext",
@@ -214,7 +216,6 @@ def test_doomed_study_fails_fast_on_a_loopback_ray_with_train_state(ray_address,
     be retried 12 times (Tune x Train), print `done: .../results.parquet` (never written) and exit 0."""
     import urllib.request
 
-    import ray
 
     proc = run_study(ray_address, cache, tmp_path, "--name", "doomed", "optimizer.lr=1e6")
     lines = proc.stderr.strip().splitlines()
@@ -235,7 +236,7 @@ def test_doomed_study_fails_fast_on_a_loopback_ray_with_train_state(ray_address,
     assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in mine), mine
 
     # case 11: the Train state API lists the DDP trials' runs with their attempts and workers
-    url = ray._private.worker.global_worker.node.webui_url
+    url = compat.joined_dashboard_url()
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.exists() else "")
     request = urllib.request.Request(f"http://{url}/api/train/v2/runs/v1",  # Train V2's runs

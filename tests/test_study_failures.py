@@ -12,15 +12,17 @@ pytest.importorskip("ray.tune")
 
 from ray.exceptions import RayTaskError  # noqa: E402
 from ray.train import FailureConfig  # noqa: E402
-from ray.train.v2._internal.exceptions import UserExceptionWithTraceback  # noqa: E402
-from ray.train.v2._internal.execution.failure_handling import FailureDecision  # noqa: E402
 from ray.train.v2.api.exceptions import WorkerGroupError  # noqa: E402
 from ray.tune.experiment.trial import Trial  # noqa: E402
 
 import study.run as run_module  # noqa: E402
 from brainage_core.errors import ConfigError, NonFiniteLossError  # noqa: E402
+from study import compat  # noqa: E402
 from study.train_run import _make_failure_policy_class  # noqa: E402
 from study.trial import TrialInputError, input_error_of, one_line  # noqa: E402
+
+UserExceptionWithTraceback = compat.user_exception_class()
+FailureDecision = compat.failure_policy_classes()[1]
 
 
 def _trial() -> Trial:

@@ -38,23 +38,12 @@ from brainage_core.evaluation.features import extract_features
 from brainage_core.evaluation.probes import PROTOCOLS, fit_age_probe, fit_site_probe
 from brainage_core.evaluation.scores import balanced_accuracy, challenge_scores, chance_balanced_accuracy, mae, rmse
 from brainage_core.evaluation.validation import ValidationSplit, make_validation_split
+from brainage_core.metrics import QUANTITIES
 
 TRAIN_ON_CHOICES = ("train_minus_val", "train", "all")
 TEST_SPLITS = ("internal_test", "external_test")
 #: Every key of :meth:`Evaluator.evaluate`'s result besides ``leaked`` and the probe notes.
-METRIC_SUFFIXES = (
-    "mae_int",
-    "mae_ext",
-    "mae_int_const",
-    "mae_ext_const",
-    "rmse_int",
-    "rmse_ext",
-    "bacc",
-    "bacc_chance",
-    "lc",
-    "lc_2022_09",
-    "lc_2022_06",
-)
+METRIC_SUFFIXES: tuple[str, ...] = tuple(QUANTITIES)  # brainage_core/metrics.py, in its order
 
 
 def training_rows(store: Any, train_on: str, split: ValidationSplit | None) -> dict[str, np.ndarray]:
