@@ -18,8 +18,10 @@ For each ``n`` x ``p`` asked for (``--sizes``), on the CPU (and on CUDA when ava
   the same objective. Reports each protocol's distance to it (max |coefficient difference| of the refit
   and |ΔBAcc|).
 
-The load average of the machine is recorded before and after every timed fit (a shared machine's
-timings are only comparable within one run). Writes JSON (default ``docs/measurements/probes.json``).
+Every fit records wall seconds, CPU seconds of the process (``time.process_time``: with one thread,
+about what the fit takes on an idle core, which a shared machine's wall time is not) and the load
+average before and after. Separate invocations (e.g. one size each, run side by side) are merged with
+``--merge A.json B.json --out OUT.json``. Writes JSON (default ``docs/measurements/probes.json``).
 Run: ``python bench/probes.py --threads 1`` (the exact protocol at 3,227 x 128 takes ~100 s on an idle core).
 """
 
@@ -86,26 +88,30 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def timed(fn, *args, **kwargs) -> tuple[Any, float, list[float]]:
+def timed(fn, *args, **kwargs) -> tuple[Any, float, float, list[float]]:
+    """``fn``'s result, wall seconds, CPU seconds of this process and the load average before/after."""
     before = load_average()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn(*args, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start, [before, load_average()]
+    return out, time.perf_counter() - start, time.process_time() - cpu, [before, load_average()]
 
 
 def run_protocol(data: dict[str, Any], protocol: str, device: str | None) -> dict[str, Any]:
     X, ages, sites = data["X"], data["ages"], data["sites"]
     tr, vi, ve = data["train"], data["internal"], data["external"]
     Xtr = torch.as_tensor(X[tr], device=device) if device else X[tr]
-    age, t_age, load_age = timed(fit_age_probe, Xtr, ages[tr], protocol=protocol)
-    site, t_site, load_site = timed(fit_site_probe, Xtr, sites[tr], protocol=protocol)
+    age, t_age, cpu_age, load_age = timed(fit_age_probe, Xtr, ages[tr], protocol=protocol)
+    site, t_site, cpu_site, load_site = timed(fit_site_probe, Xtr, sites[tr], protocol=protocol)
     pred_int, pred_ext = age.predict(X[vi]), age.predict(X[ve])
     return {
         "age_s": t_age,
         "site_s": t_site,
         "total_s": t_age + t_site,
+        "age_cpu_s": cpu_age,
+        "site_cpu_s": cpu_site,
+        "total_cpu_s": cpu_age + cpu_site,
         "load_average": {"age": load_age, "site": load_site},
         "alpha": age.param["alpha"],
         "age_cv_r2": age.cv_score,
@@ -186,7 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="site-structure strengths of the feature sets (default 0.6)")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/probes.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge the runs of these JSON files (written by separate invocations) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        merged = {"machine": parts[0]["machine"], "commands": [p["command"] for p in parts],
+                  "wall_s": [p.get("wall_s") for p in parts], "runs": [r for p in parts for r in p["runs"]]}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=2))
+        print(f"wrote {args.out} ({len(merged['runs'])} runs)")
+        return 0
     torch.set_num_threads(args.threads)
     sizes = [s for s in args.sizes.split(",") if s]
     exact_sizes = set(sizes if args.exact is None else [s for s in args.exact.split(",") if s])
@@ -232,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_total": exact["total_s"] / fast["total_s"],
                     "speedup_site": exact["site_s"] / fast["site_s"],
                     "speedup_age": exact["age_s"] / fast["age_s"],
+                    "speedup_cpu_total": exact["total_cpu_s"] / fast["total_cpu_s"],
+                    "speedup_cpu_site": exact["site_cpu_s"] / fast["site_cpu_s"],
+                    "speedup_cpu_age": exact["age_cpu_s"] / fast["age_cpu_s"],
                 }
                 if s in reference_sizes:
                     entry["converged_reference"] = converged_reference(data, fast["_site"], exact["_site"])
@@ -241,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=2, default=float))
             print(json.dumps({k: v for k, v in entry.items() if k != "results"}, default=float), flush=True)
             for k, v in entry["results"].items():
-                print(f"  {k}: age {v['age_s']:.2f} s, site {v['site_s']:.2f} s, alpha {v['alpha']}, C {v['C']}, "
+                print(f"  {k}: age {v['age_s']:.2f} s ({v['age_cpu_s']:.2f} CPU s), site {v['site_s']:.2f} s "
+                      f"({v['site_cpu_s']:.2f} CPU s), alpha {v['alpha']}, C {v['C']}, "
                       f"bacc {v['bacc']:.4f}, mae_int {v['mae_int']:.4f}, mae_ext {v['mae_ext']:.4f}", flush=True)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
     return 0
