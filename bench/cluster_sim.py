@@ -531,7 +531,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                   for k, v in vars(args).items()}}
     cpus = args.cpus or args.gpus * 2 + 2
     t_ray = time.perf_counter()
-    cluster = start_simulated_ray(gpus=args.gpus, nodes=args.nodes, cpus=cpus)
+    for attempt in range(3):  # Ray gives a node 30 s to register: not always enough on a loaded machine
+        try:
+            cluster = start_simulated_ray(gpus=args.gpus, nodes=args.nodes, cpus=cpus)
+            break
+        except Exception as exc:  # noqa: BLE001 - "The current node timed out during startup"
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print(f"[cluster-sim] Ray did not start ({exc}); trying again", flush=True)
+            ray.shutdown()
     report["ray_start_s"] = time.perf_counter() - t_ray
     probe = Probe(events, args.gpus, args.sample_s)
     probe.install()

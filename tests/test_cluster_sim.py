@@ -89,6 +89,7 @@ def test_curves_rank_configurations(monkeypatch):
     assert good["val_mae_ext"] < bad["val_mae_ext"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_small_simulated_cluster(tmp_path):
     """8 fake GPUs, 20 trials of 2-GPU DDP through study.run: every trial's rows reach results.parquet and
