@@ -201,16 +201,22 @@ def start_simulated_ray(*, gpus: int, nodes: int, cpus: int) -> Any:
     import ray
 
     if nodes <= 1:
-        ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a new Ray even when another one on this machine was started with `ray start`
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  object_store_memory=200 * 2**20, logging_level=logging.WARNING)
         return None
     from ray.cluster_utils import Cluster
 
     if gpus % nodes or cpus % nodes:
         raise SystemExit(f"--gpus {gpus} and CPUs {cpus} must divide by --nodes {nodes}")
+    import socket
+
+    with socket.socket() as sock:  # Cluster's head does not retry an occupied dashboard port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": cpus // nodes, "num_gpus": gpus // nodes, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "object_store_memory": 100 * 2**20})
+        "dashboard_host": "127.0.0.1", "dashboard_port": port, "object_store_memory": 100 * 2**20})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=cpus // nodes, num_gpus=gpus // nodes, object_store_memory=100 * 2**20)
     ray.init(address=cluster.address, logging_level=logging.WARNING)
@@ -507,6 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in env.items():  # before Ray starts: every node and worker inherits it
         os.environ.setdefault(key, value) if key in DEFAULT_ENV else os.environ.__setitem__(key, value)
     os.environ.pop("RAY_ADDRESS", None)
+    if args.tune_loggers == "off":
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     concurrency = args.concurrency or max(1, args.gpus // args.gpus_per_trial)
     space = space_file(tmp, trials=args.trials, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
                        concurrency=concurrency, grace=args.grace, reduction=args.reduction, searcher=args.searcher)
@@ -523,7 +531,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                   for k, v in vars(args).items()}}
     cpus = args.cpus or args.gpus * 2 + 2
     t_ray = time.perf_counter()
-    cluster = start_simulated_ray(gpus=args.gpus, nodes=args.nodes, cpus=cpus)
+    for attempt in range(3):  # Ray gives a node 30 s to register: not always enough on a loaded machine
+        try:
+            cluster = start_simulated_ray(gpus=args.gpus, nodes=args.nodes, cpus=cpus)
+            break
+        except Exception as exc:  # noqa: BLE001 - "The current node timed out during startup"
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print(f"[cluster-sim] Ray did not start ({exc}); trying again", flush=True)
+            ray.shutdown()
     report["ray_start_s"] = time.perf_counter() - t_ray
     probe = Probe(events, args.gpus, args.sample_s)
     probe.install()
@@ -600,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="study.max_concurrent_trials (default: GPUs / GPUs per trial)")
     p.add_argument("--max-wall-s", type=float, default=0.0,
                    help="end the study (SIGINT, as Ctrl-C) after this many seconds and measure what ran")
+    p.add_argument("--tune-loggers", choices=("default", "off"), default="default",
+                   help="off: TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 (no result.json / progress.csv / TensorBoard "
+                        "files per trial), to measure what Tune's default loggers cost the driver")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")
     p.add_argument("--cache", type=Path, help="BRAINAGE_CACHE (the tiny store; default: inside the workdir)")

@@ -261,7 +261,9 @@ def _make_callback_class():
         def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
             from study.trial import checkpoint_location
 
-            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
+            # Tune calls this right after on_trial_result: the path reaches the file with the trial's next row
+            # or status (or at the end), not by a second rewrite of the whole table per result
+            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint), write=False)
 
         @_guard_writes
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -311,6 +313,7 @@ def _make_callback_class():
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             if self.table is not None and len(self.table):
+                self.table.flush()
                 self.print_table(trials, final=True)
 
     return StudyCallbackImpl
