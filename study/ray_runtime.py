@@ -107,6 +107,8 @@ class RayInfo:
     started_here: bool
     num_cpus: float
     auth: str
+    #: this call connected the process to Ray (a local start or ``address``), so the caller disconnects
+    connected_here: bool = False
 
 
 def cpus_per_trial(resources: Resources) -> float:
@@ -159,7 +161,7 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         else:
             context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),
-                       auth_token_location())
+                       auth_token_location(), connected_here=True)
     needed = cpus_per_trial(resources) * max_concurrent_trials
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     num_gpus = None
@@ -167,7 +169,7 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host=dashboard_host,
         logging_level=logging.WARNING, runtime_env=runtime_env,
     )
-    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location())
+    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location(), connected_here=True)
 
 
 def _url(url: str | None) -> str | None:
