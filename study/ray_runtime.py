@@ -87,6 +87,7 @@ def local_ray_init(**kwargs) -> object:
     docstring), with :data:`DEFAULT_ENV` set (when unset) so that its processes inherit it."""
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
+    address_before = os.environ.get("RAY_ADDRESS")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             with _loopback_node():
@@ -95,6 +96,11 @@ def local_ray_init(**kwargs) -> object:
             if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
                 raise
             ray.shutdown()
+            # the failed start left RAY_ADDRESS naming its GCS: the next ray.init would try to join it
+            if address_before is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = address_before
             print(f"[study] Ray's node did not start within Ray's 30 s (attempt {attempt}/{START_ATTEMPTS}: a busy "
                   "machine, or the agents of a killed Ray still exiting); starting it again", file=sys.stderr,
                   flush=True)
