@@ -80,14 +80,21 @@ def local_ray_init(**kwargs) -> object:
     docstring), with :data:`DEFAULT_ENV` set (when unset) so that its processes inherit it."""
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
+    address_before = os.environ.get("RAY_ADDRESS")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             with _loopback_node():
-                return ray.init(_node_ip_address=LOOPBACK, **kwargs)
+                # address="local": a new Ray, never one found in /tmp/ray/ray_current_cluster (another user's)
+                return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
         except Exception as exc:  # Ray raises a bare Exception when its raylet does not register in 30 s
             if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
                 raise
             ray.shutdown()
+            # the failed start left RAY_ADDRESS naming its GCS: the next ray.init would try to join it
+            if address_before is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = address_before
             print(f"[study] Ray's node did not start within Ray's 30 s (attempt {attempt}/{START_ATTEMPTS}: a busy "
                   "machine, or the agents of a killed Ray still exiting); starting it again", file=sys.stderr,
                   flush=True)
@@ -100,6 +107,8 @@ class RayInfo:
     started_here: bool
     num_cpus: float
     auth: str
+    #: this call connected the process to Ray (a local start or ``address``), so the caller disconnects
+    connected_here: bool = False
 
 
 def cpus_per_trial(resources: Resources) -> float:
@@ -149,7 +158,7 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         else:
             context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),
-                       auth_token_location())
+                       auth_token_location(), connected_here=True)
     needed = cpus_per_trial(resources) * max_concurrent_trials
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     num_gpus = None
@@ -157,7 +166,7 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host=dashboard_host,
         logging_level=logging.WARNING, runtime_env=runtime_env,
     )
-    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location())
+    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location(), connected_here=True)
 
 
 def _url(url: str | None) -> str | None:

@@ -531,8 +531,8 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
             reason = WRITE_ERRORS[0] if WRITE_ERRORS else f"{exc.strerror or exc}: {exc.filename}"
             raise StudyFailed(_unwritable(folder, reason)) from None
     finally:
-        if info.started_here:
-            ray.shutdown()
+        if info.connected_here:  # also a joined cluster: disconnecting stops the forwarded worker logs, so
+            ray.shutdown()       # that nothing is printed after the study's last line
     if WRITE_ERRORS:
         raise StudyFailed(_unwritable(folder, WRITE_ERRORS[0]))
     if optuna_copy:

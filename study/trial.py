@@ -107,10 +107,13 @@ def input_error_of(exc: BaseException | None) -> BaseException | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        inner = getattr(current, "cause", None)  # a RayTaskError (its class may derive from the cause's)
+        if isinstance(inner, BaseException) and inner is not current:
+            todo.insert(0, inner)
+            continue
         if isinstance(current, TrialInputError | BrainageError | NonFiniteLossError):
             return current
-        todo += [getattr(current, "cause", None), getattr(current, "_base_exc", None),
-                 current.__cause__, current.__context__]
+        todo += [getattr(current, "_base_exc", None), current.__cause__, current.__context__]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             todo += [failures[k] for k in sorted(failures)]

@@ -39,6 +39,11 @@ def test_input_errors_are_found_through_ray_wrappers():
     wrapped.__cause__ = ConfigError("training.batch_size = 8: only 4 training subjects")
     assert one_line(input_error_of(wrapped)) == "ConfigError: training.batch_size = 8: only 4 training subjects"
     assert input_error_of(RayTaskError("run_trial", "tb", RuntimeError("worker died"))) is None
+    # what Tune's result grid holds: a RayTaskError whose class also derives from the cause's; its str() is the
+    # whole traceback, the cause is one line
+    dual = RayTaskError("run_trial", "Traceback ...\n  File x\n", TrialInputError("NonFiniteLossError: nan"))
+    assert one_line(input_error_of(dual.as_instanceof_cause())) == "NonFiniteLossError: nan"
+    assert run_module._cause(dual.as_instanceof_cause()) == "NonFiniteLossError: nan"
 
 
 def test_tune_does_not_retry_a_trial_input_error():
