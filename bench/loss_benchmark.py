@@ -17,6 +17,10 @@ interrupted run keeps what finished, and the markdown table (``--table``, defaul
 ``.md``). The studies go to ``--storage`` (default ``studies/``), one folder per loss named
 ``<--name>-<loss>`` (default name ``loss-benchmark-<time>``); an existing study folder is never overwritten.
 Not a timed test: the wall times depend on the machine and its load (recorded in the JSON).
+
+``--combine A.json B.json ... --out C.json`` merges runs of disjoint losses made with the same cohort,
+model and budget (e.g. losses run as separate processes or on separate machines) into one JSON and table,
+with the comparisons recomputed; runs that differ in cohort, model or budget are refused.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="more dotted overrides for every loss (e.g. evaluation.protocol=fast); repeatable")
     p.add_argument("--storage", type=Path, default=None, help="folder of the studies (default studies/)")
     p.add_argument("--name", default=None, help="study name prefix (default loss-benchmark-<time>)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="merge these benchmark JSONs (disjoint losses, same cohort and budget) instead of running")
     p.add_argument("--out", type=Path, required=True, help="JSON to write")
     p.add_argument("--table", type=Path, default=None, help="markdown table (default: --out with .md)")
     return p.parse_args(argv)
@@ -321,10 +327,50 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     return report
 
 
+def combine(paths: Sequence[Path], reference: str, argv: Sequence[str]) -> dict[str, Any]:
+    """One report from several (see the module docstring); ``DataError`` naming the file at fault."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append((path, json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable benchmark JSON ({exc}): expected a file written by "
+                            "bench/loss_benchmark.py") from None
+    first_path, first = parts[0]
+    same = ("cohort", "model")
+    budget_keys = ("trials", "epochs", "seeds", "objective", "searcher", "overrides")
+    merged = {**first, "losses": {}, "parts": [], "command": "python bench/loss_benchmark.py "
+              + " ".join(shlex.quote(a) for a in argv)}
+    for path, part in parts:
+        for key in same:
+            if part.get(key) != first.get(key):
+                raise DataError(f"{path}: its {key} differs from {first_path}'s: expected runs on one cohort and model")
+        for key in budget_keys:
+            if part["budget"].get(key) != first["budget"].get(key):
+                raise DataError(f"{path}: budget.{key} = {part['budget'].get(key)!r}, {first_path} has "
+                                f"{first['budget'].get(key)!r}: expected the same budget for every loss")
+        overlap = set(part["losses"]) & set(merged["losses"])
+        if overlap:
+            raise DataError(f"{path}: loss {sorted(overlap)[0]!r} is in two of the files: expected disjoint losses")
+        merged["losses"].update(part["losses"])
+        merged["parts"].append({"file": str(path), "command": part["command"], "wall_s": part["wall_s"],
+                                "losses": list(part["losses"]), "machine": part["machine"]})
+    merged["missing"] = sorted({m for _, p in parts for m in p.get("missing", [])} - set(merged["losses"]))
+    merged["reference"] = reference
+    merged["comparisons"] = compare(merged["losses"], reference)
+    merged["wall_s"] = None  # the parts may have run side by side or one after the other: see "parts"
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
+        if args.combine:
+            report = combine(args.combine, args.reference, argv)
+            write(report, args.out, args.table or args.out.with_suffix(".md"))
+            print(markdown(report), flush=True)
+            return 0
         report = run(args, argv)
     except BrainageError as exc:
         print(f"error: {exc}", file=sys.stderr)

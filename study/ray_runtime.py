@@ -84,8 +84,9 @@ def local_ray_init(**kwargs) -> object:
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             with _loopback_node():
-                # address="local": a new Ray, never one found in /tmp/ray/ray_current_cluster (another user's)
-                return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
+                # address "local": a new Ray even when `ray start` left a cluster on this machine
+                # (/tmp/ray/ray_current_cluster), which ray.init() would join and then refuse num_cpus
+                return ray.init(_node_ip_address=LOOPBACK, **{"address": "local", **kwargs})
         except Exception as exc:  # Ray raises a bare Exception when its raylet does not register in 30 s
             if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
                 raise

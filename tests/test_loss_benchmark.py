@@ -99,6 +99,25 @@ def test_tiny_benchmark_writes_the_json_and_the_table(tmp_path):
     assert table == markdown(report)
     assert "| l1 |" in table and "| expw |" in table and "Difference from l1" in table
     assert table.count("[") >= 8  # an interval in every metric cell
+    # the same figures split into two files and combined give the same table; another budget is refused
+    parts = []
+    for loss in ("l1", "expw"):
+        part = {**report, "losses": {loss: report["losses"][loss]}, "comparisons": {}}
+        parts.append(tmp_path / f"{loss}.json")
+        parts[-1].write_text(json.dumps(part))
+    combined = tmp_path / "combined.json"
+    proc = subprocess.run([sys.executable, "bench/loss_benchmark.py", "--combine", *map(str, parts), "--out",
+                           str(combined)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(combined.read_text())
+    assert merged["comparisons"] == report["comparisons"] and set(merged["losses"]) == {"l1", "expw"}
+    assert [p["losses"] for p in merged["parts"]] == [["l1"], ["expw"]]
+    other = {**json.loads(parts[1].read_text())}
+    other["budget"] = {**other["budget"], "epochs": 2}
+    parts[1].write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, "bench/loss_benchmark.py", "--combine", *map(str, parts), "--out",
+                           str(tmp_path / "bad.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "budget.epochs = 2" in proc.stderr and not (tmp_path / "bad.json").exists()
     # a second run with the same name refuses to overwrite the studies
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "exists" in again.stderr
