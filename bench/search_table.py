@@ -20,7 +20,8 @@ table cut short still holds complete sub-grids; ``--split-by none`` runs one stu
 
 Exit status: 0 when the table (with ``--part``: those studies) is complete, 3 when configurations are
 missing, 2 on bad input. Resumable: run the same command again and each study continues with
-``--resume`` semantics (finished configurations are not re-run; the overrides recorded by the first session are reused). The table is
+``--resume`` semantics (finished configurations are not re-run; the overrides recorded by the first
+session are reused). The table is
 rewritten from the studies' ``results.parquet`` at the end of every session, complete or not, and by
 ``--table-only`` at any time (also while the studies run): a partial table says which configurations it
 lacks. Keep it out of git (``bench/results/`` is ignored).
