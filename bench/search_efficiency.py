@@ -539,7 +539,7 @@ def summarise(table: Table, replays: dict[str, list[Replay]], budget: int) -> di
                   "random_median_final_best": random_target},
         "budget_trial_epochs": budget, "curve_compute": grid, "searchers": {},
     }
-    random_to_target = None
+    random_to_target: float | None = None
     for name, reps in replays.items():
         curves = np.array([r.best_curve(grid) for r in reps])
         with np.errstate(all="ignore"):
@@ -567,11 +567,15 @@ def summarise(table: Table, replays: dict[str, list[Replay]], budget: int) -> di
             "replay_wall_s": _quantiles([r.wall_s for r in reps]),
             "curve": {"median": [_num(x) for x in med], "q25": [_num(x) for x in q25], "q75": [_num(x) for x in q75]},
         }
+        # the Goal's measure, on median curves: the compute at which this searcher's median best first reaches
+        # random's median final best (random itself: where its median curve first reaches its final value)
+        hit = [c for c, v in zip(grid, med) if random_target is not None and np.isfinite(v) and v <= random_target]
+        entry["median_curve_compute_to_random_final_best"] = float(hit[0]) if hit else None
         out["searchers"][name] = entry
         if name == "random":
-            random_to_target = entry["compute_to_random_final_best"]["median"]
+            random_to_target = entry["median_curve_compute_to_random_final_best"]
     for entry in out["searchers"].values():
-        m = entry["compute_to_random_final_best"]["median"]
+        m = entry["median_curve_compute_to_random_final_best"]
         entry["compute_vs_random_to_random_final_best"] = (m / random_to_target if m is not None and random_to_target
                                                            else None)
     return out
@@ -613,6 +617,34 @@ def figure(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+_JOB_TABLE: Table | None = None
+
+
+def _replay_job(name: str, seed: int, budget: int, concurrency: int) -> Replay:
+    return replay(_JOB_TABLE, name, seed, budget=budget, concurrency=concurrency)
+
+
+def run_replays(table: Table, names: list[str], reps: int, budget: int, concurrency: int,
+                jobs: int = 1) -> dict[str, list[Replay]]:
+    """Every searcher's replays with seeds 0..reps-1, in ``jobs`` forked processes (same results as one)."""
+    global _JOB_TABLE
+    tasks = [(n, seed, budget, concurrency) for n in names for seed in range(reps)]
+    t0 = time.time()
+    if jobs > 1:
+        import multiprocessing
+
+        _JOB_TABLE = table
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            done = pool.starmap(_replay_job, tasks, chunksize=1)
+    else:
+        done = [replay(table, n, seed, budget=b, concurrency=c) for n, seed, b, c in tasks]
+    out: dict[str, list[Replay]] = {n: [] for n in names}
+    for rep in done:
+        out[rep.searcher].append(rep)
+    print(f"[search_efficiency] {len(tasks)} replays in {time.time() - t0:.1f} s ({jobs} process(es))", flush=True)
+    return out
+
+
 def machine() -> dict[str, Any]:
     import optuna
     import ray
@@ -631,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--searchers", default=",".join(SEARCHERS), help=f"comma-separated, of {', '.join(SEARCHERS)}")
     p.add_argument("--tune-check", type=int, default=0, metavar="K",
                    help="also run K trials of tpe_asha through a real ray.tune.Tuner and compare")
+    p.add_argument("--jobs", type=int, default=1, help="replays run in this many processes (each replay is "
+                                                       "sequential and seeded: the results do not depend on it)")
     p.add_argument("--out", type=Path, default=OUT_JSON, help="summary JSON (the figure goes beside it)")
     args = p.parse_args(argv)
 
@@ -647,12 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         table = Table.load(args.table)
         budget = int(round(args.budget_factor * len(table.config_ids) * table.epochs))
         t0 = time.time()
-        replays: dict[str, list[Replay]] = {}
-        for name in names:
-            t1 = time.time()
-            replays[name] = [replay(table, name, seed, budget=budget, concurrency=args.concurrency)
-                             for seed in range(args.reps)]
-            print(f"[search_efficiency] {name}: {args.reps} replays in {time.time() - t1:.1f} s", flush=True)
+        replays = run_replays(table, names, args.reps, budget, args.concurrency, args.jobs)
         summary = summarise(table, replays, budget)
         summary.update(command=" ".join(["python", "bench/search_efficiency.py", *sys.argv[1:]]),
                        machine=machine(), wall_s=time.time() - t0, concurrency=args.concurrency,

@@ -18,8 +18,10 @@ table cut short still holds complete sub-grids; ``--split-by none`` runs one stu
 - ``<out>/<name>.json``: what the table holds (the space file's text, epochs, evaluation epochs, number of
   configurations, which are missing), the machine, the commit and the wall time of each session.
 
-Resumable: run the same command again and each study continues with ``--resume`` semantics (finished
-configurations are not re-run; the overrides recorded by the first session are reused). The table is
+Exit status: 0 when the table (with ``--part``: those studies) is complete, 3 when configurations are
+missing, 2 on bad input. Resumable: run the same command again and each study continues with
+``--resume`` semantics (finished configurations are not re-run; the overrides recorded by the first
+session are reused). The table is
 rewritten from the studies' ``results.parquet`` at the end of every session, complete or not, and by
 ``--table-only`` at any time (also while the studies run): a partial table says which configurations it
 lacks. Keep it out of git (``bench/results/`` is ignored).
@@ -33,6 +35,7 @@ JSON says which.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -161,6 +164,11 @@ def sub_spaces(space_path: Path, split_by: str | None, folder: Path) -> list[tup
     return out
 
 
+def parts_value(space: Any, split_by: str, i: int) -> Any:
+    """The value of ``split_by`` that sub-grid study ``i`` fixes."""
+    return space.param(split_by).dist.values[i]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/search_table.py", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="dotted overrides of the space (first session only)")
@@ -170,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-by", default="loss.sigma",
                    help="train the grid as one grid study per value of this searched key, one after the other "
                         "(default loss.sigma; 'none': one study of the whole grid)")
+    p.add_argument("--part", type=int, action="append",
+                   help="train only these sub-grid studies (0-based, repeatable), e.g. to run them in parallel "
+                        "from several commands; a study another command is training (its lock is held) is skipped")
     p.add_argument("--table-only", action="store_true",
                    help="only (re)write the table from the studies' results so far (e.g. while they run)")
     args = p.parse_intermixed_args(argv)
@@ -209,8 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         failure = None
         if not args.table_only:
-            for suffix, path in parts:
+            for i, (suffix, path) in enumerate(parts):
+                if args.part is not None and i not in args.part:
+                    continue
                 name = f"{args.name}{suffix}"
+                study_root.mkdir(parents=True, exist_ok=True)
+                lock = open(study_root / f"{name}.lock", "w")  # noqa: SIM115 - held while the study trains
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"[search_table] {study_root / name}: another command is training it: skipped", flush=True)
+                    lock.close()
+                    continue
                 resume = (study_root / name / "config.yaml").exists()
                 sub = load_search_space(path, overrides)
                 print(f"[search_table] {'resuming' if resume else 'starting'} {study_root / name} ({sub.grid_size()} "
@@ -220,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 except KeyboardInterrupt:
                     failure = "interrupted"
                     break
+                finally:
+                    lock.close()
         wall = time.time() - t0
         frames = []
         for suffix, _ in parts:
@@ -250,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{table_path} ({cover['rows']} rows), {meta_path}; this session {wall:.0f} s", flush=True)
         if failure:
             return 130
-        return 0 if not cover["missing_config_ids"] else 1
+        if args.part is not None and not args.table_only:  # done when the studies this command trained are
+            wanted = {i for i in args.part if 0 <= i < len(parts)}
+            points = listed_points(space)
+            values = [parts_value(space, split_by, i) for i in wanted]
+            missing = [c for c in cover["missing_config_ids"] if split_by and points[c][split_by] in values]
+            return 0 if not missing else 3
+        return 0 if not cover["missing_config_ids"] else 3
     except BrainageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
