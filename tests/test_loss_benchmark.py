@@ -63,6 +63,7 @@ def test_welch_difference_matches_scipy():
     assert math.isnan(welch_difference([1.0], [2.0, 3.0])["diff"])
 
 
+@pytest.mark.slow
 def test_bad_loss_name_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "bench/loss_benchmark.py", "--losses", "l1,huber", "--out",
                            str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -72,6 +73,7 @@ def test_bad_loss_name_is_one_clear_error(tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_tiny_benchmark_writes_the_json_and_the_table(tmp_path):
     out = tmp_path / "bench.json"
