@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # `python bench/loss_benchmark.py` from a clone, 
     sys.path.insert(0, str(ROOT))
 
 from brainage_core.errors import BrainageError, ConfigError, DataError  # noqa: E402
+from brainage_core.evaluation.intervals import t_interval, welch_difference  # noqa: E402
 
 SPACES = ROOT / "search_spaces" / "benchmark"
 LOSSES = ("l1", "mse", "supcon", "yaware", "threshold", "expw", "rnc")
@@ -80,43 +81,19 @@ def machine() -> dict[str, Any]:
             "load_avg_1min_start": os.getloadavg()[0]}
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float | int]:
-    """n, mean, std (ddof 1) and the two-sided Student-t interval of the mean; NaN spread when n < 2."""
-    from scipy import stats
-
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    n = len(v)
-    mean = sum(v) / n if n else math.nan
-    if n < 2:
-        return {"n": n, "mean": mean, "std": math.nan, "ci95_low": math.nan, "ci95_high": math.nan}
-    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+def interval_summary(values: Sequence[float]) -> dict[str, float | int]:
+    """The JSON of one metric over seeds: n, mean, std and the 95 % Student-t interval of the mean
+    (``brainage_core.evaluation.intervals.t_interval``; NaN spread when n < 2)."""
+    iv = t_interval(values)
+    return {"n": iv.n, "mean": iv.mean, "std": iv.std, "ci95_low": iv.low, "ci95_high": iv.high}
 
 
-def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """mean(a) - mean(b) with its Welch-Satterthwaite interval; ``significant`` when it excludes 0.
-    NaN (and not significant) when either side has fewer than 2 values or no spread."""
-    from scipy import stats
-
-    a = [float(x) for x in a if math.isfinite(float(x))]
-    b = [float(x) for x in b if math.isfinite(float(x))]
-    out = {"diff": math.nan, "ci95_low": math.nan, "ci95_high": math.nan, "p_value": math.nan,
-           "significant": False}
-    if len(a) < 2 or len(b) < 2:
-        return out
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
-    out["diff"] = ma - mb
-    if va + vb == 0:
-        return out
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * math.sqrt(va + vb)
-    p = float(2 * stats.t.sf(abs(ma - mb) / math.sqrt(va + vb), dof))
-    out.update(ci95_low=ma - mb - half, ci95_high=ma - mb + half, p_value=p,
-               significant=bool(ma - mb - half > 0 or ma - mb + half < 0))
-    return out
+def difference_summary(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """The JSON of mean(a) - mean(b) with its 95 % Welch-Satterthwaite interval, p-value and ``significant``
+    (``brainage_core.evaluation.intervals.welch_difference``; NaN, not significant, when a side has < 2 values)."""
+    w = welch_difference(a, b)
+    return {"diff": w.diff, "ci95_low": w.low, "ci95_high": w.high, "p_value": w.p_value,
+            "significant": w.significant}
 
 
 def budget_overrides(args: argparse.Namespace) -> list[str]:
@@ -188,8 +165,8 @@ def loss_figures(loss: str, study_dir: Path, search_s: float, final_s: float) ->
                           for _, r in last.iterrows()],
         "seeds": {m: [float(x) for x in seeds[m]] for m in (*METRICS, *BASELINES) if m in seeds.columns},
     }
-    out["metrics"] = {m: t_interval(out["seeds"].get(m, [])) for m in METRICS}
-    out["baselines"] = {m: t_interval(out["seeds"].get(m, []))["mean"] for m in BASELINES}
+    out["metrics"] = {m: interval_summary(out["seeds"].get(m, [])) for m in METRICS}
+    out["baselines"] = {m: interval_summary(out["seeds"].get(m, []))["mean"] for m in BASELINES}
     beats = [a < c for a, c in zip(out["seeds"].get("test_mae_int", []), out["seeds"].get("test_mae_int_const", []))]
     out["seeds_below_constant_int"] = int(sum(beats))
     return out
@@ -208,7 +185,7 @@ def compare(per_loss: dict[str, dict[str, Any]], reference: str) -> dict[str, di
     if reference not in per_loss:
         return {}
     ref = per_loss[reference]["seeds"]
-    return {loss: {m: welch_difference(d["seeds"].get(m, []), ref.get(m, [])) for m in METRICS}
+    return {loss: {m: difference_summary(d["seeds"].get(m, []), ref.get(m, [])) for m in METRICS}
             for loss, d in per_loss.items() if loss != reference}
 
 

@@ -189,16 +189,11 @@ def _fit_probe_and_bias(model, store, config: dict, *, device: str, batch_size: 
     ``model`` must see the inputs the network was trained on: pass it behind
     ``brainage_core.export.ramp.centered_view`` (the trial's z-scoring / centred crop), as the evaluator does.
     """
-    from brainage_core.evaluation import extract_features, fit_age_probe, make_validation_split
+    from brainage_core.evaluation import extract_features, fit_age_probe, fit_bias_correction, validation_split_of
 
     ecfg = config.get("evaluation") or {}
     table = store.table("train")
-    split = make_validation_split(
-        table,
-        internal_frac=float(ecfg.get("val_internal_frac", 0.09)),
-        external_frac=float(ecfg.get("val_external_frac", 0.10)),
-        seed=int(ecfg.get("val_seed", 0)),
-    )
+    split = validation_split_of(table, ecfg)
     ages = table.set_index("row")["age"]
     array = store.array("train")
     train_rows = split.train_rows
@@ -218,11 +213,8 @@ def _fit_probe_and_bias(model, store, config: dict, *, device: str, batch_size: 
         x_val = extract_features(model, array, val_rows, batch_size=batch_size, device=device)
         predicted = probe.predict(x_val)
         true = ages.loc[val_rows].to_numpy(dtype=float)
-        slope, intercept = np.polyfit(true, predicted, 1)
         out["bias_correction"] = {
-            "slope": float(slope),
-            "intercept": float(intercept),
-            "n": int(val_rows.size),
+            **fit_bias_correction(true, predicted),
             "fitted_on": "validation parts of the train split (internal + external)",
             "network_trained_on_them": (config.get("training") or {}).get("train_on", "train_minus_val")
             != "train_minus_val",

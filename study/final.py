@@ -17,7 +17,7 @@ Output, in the study folder:
 - ``final.parquet`` and ``final_summary.csv``: the per-seed rows (``kind = "seed"``) and one row per
   configuration (``kind = "summary"``) with ``n_seeds`` and, for every test metric, ``<metric>_mean``,
   ``<metric>_std`` and the 95 % t-interval ``<metric>_ci95_low`` / ``<metric>_ci95_high``
-  (mean ± t(0.975, n-1) · std / sqrt(n); NaN with a single seed);
+  (mean ± t(0.975, n-1) · std / sqrt(n), ``brainage_core.evaluation.intervals``; NaN with a single seed);
 - ``final/<run>/``: Ray Tune's experiment folder of the run.
 
 ``STUDY_DIR`` may be a URI (``s3://bucket/studies/NAME``): the study's small files are read through its
@@ -40,11 +40,12 @@ import pandas as pd
 import yaml
 
 from brainage_core.errors import BrainageError, ConfigError, DataError
+from brainage_core.evaluation.intervals import t_interval
 from brainage_core.metrics import METRICS, TEST_METRICS, VALIDATION_METRICS
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder
 
-__all__ = ["main", "run_final", "select_top", "final_trials", "summarise", "t_interval", "TEST_METRICS"]
+__all__ = ["main", "run_final", "select_top", "final_trials", "summarise", "TEST_METRICS"]
 
 
 
@@ -106,22 +107,6 @@ def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, std (ddof 1), low, high) of the two-sided t-interval; std/low/high NaN for n < 2."""
-    from scipy import stats
-
-    clean = [float(v) for v in values if _present(v)]
-    n = len(clean)
-    if n == 0:
-        return math.nan, math.nan, math.nan, math.nan
-    mean = sum(clean) / n
-    if n < 2:
-        return mean, math.nan, math.nan, math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in clean) / (n - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    return mean, std, mean - half, mean + half
-
-
 def summarise(per_seed: pd.DataFrame, param_keys: Sequence[str]) -> pd.DataFrame:
     """One ``kind = "summary"`` row per ``final_rank`` (see the module docstring)."""
     rows = []
@@ -134,8 +119,9 @@ def summarise(per_seed: pd.DataFrame, param_keys: Sequence[str]) -> pd.DataFrame
             row[f"param.{key}"] = g[f"param.{key}"].iloc[0] if f"param.{key}" in g else None
         for m in TEST_METRICS:
             if m in ok.columns:
-                mean, std, low, high = t_interval(ok[m].tolist())
-                row.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_ci95_low": low, f"{m}_ci95_high": high})
+                iv = t_interval(ok[m].tolist())
+                row.update({f"{m}_mean": iv.mean, f"{m}_std": iv.std, f"{m}_ci95_low": iv.low,
+                            f"{m}_ci95_high": iv.high})
         rows.append(row)
     return pd.DataFrame(rows)
 

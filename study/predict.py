@@ -8,7 +8,7 @@ the age probe in ``metadata.pkl`` the brain age.
 
 Output CSV, one row per subject: ``participant_id``, ``split``, ``site``, ``age`` (years, as given),
 ``brain_age``, ``brain_age_gap`` (brain_age − age) and the usual linear bias correction fitted at export
-on the study's validation data (brain_age ≈ slope · age + intercept):
+on the study's validation data (brain_age ≈ slope · age + intercept, ``brainage_core.evaluation.bias``):
 ``brain_age_gap_corrected`` = brain_age − (slope · age + intercept) and ``brain_age_corrected`` = age +
 corrected gap. Beside it, ``<out stem>_by_age.csv`` and ``<out stem>_by_site.csv``: n, MAE, mean gap and
 mean corrected gap per age bin (``--age-bins`` edges, years) and per site; both are printed.
@@ -25,7 +25,6 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,8 +44,7 @@ def load_submission(submission: str | Path):
     """
     import torch
 
-    from brainage_core.export import METADATA_FILE, WEIGHTS_FILE
-    from brainage_core.models import build_model
+    from brainage_core.export import METADATA_FILE, WEIGHTS_FILE, model_from_spec
 
     if is_uri(submission):
         import hashlib
@@ -70,11 +68,7 @@ def load_submission(submission: str | Path):
     missing = [k for k in ("model_spec", "age_probe") if k not in meta]
     if missing:
         raise DataError(f"{meta_path} lacks {', '.join(missing)}; expected the metadata written by study/export.py")
-    spec = meta["model_spec"]
-    options: dict[str, Any] = {"base_width": int(spec["base_width"])}
-    if spec["head"] == "contrastive":
-        options.update(proj_dim=int(spec["proj_dim"]), normalize=bool(spec["normalize"]), feature=spec["feature"])
-    model = build_model(spec["backbone"], spec["head"], **options)
+    model = model_from_spec(meta["model_spec"])
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated / corrupt file: zip, pickle or runtime errors
@@ -88,16 +82,6 @@ def load_submission(submission: str | Path):
         raise DataError(f"{weights_path}: weights do not fit the model of metadata.pkl "
                         f"({' '.join(str(exc).split())[:160]}); expected the files of one export") from None
     return model.eval(), meta
-
-
-def bias_corrected(brain_age: np.ndarray, age: np.ndarray, bias: dict | None) -> tuple[np.ndarray, np.ndarray]:
-    """(corrected gap, corrected brain age) with brain_age ≈ slope · age + intercept; NaN without a correction."""
-    if not bias:
-        nan = np.full_like(brain_age, np.nan, dtype=float)
-        return nan, nan.copy()
-    expected = bias["slope"] * age + bias["intercept"]
-    gap = brain_age - expected
-    return gap, age + gap
 
 
 def summarise(predictions: pd.DataFrame, by: str) -> pd.DataFrame:
@@ -135,7 +119,7 @@ def predict_cohort(
     Errors: ``DataError``/``ConfigError`` from the submission or ``prepare``.
     """
     from brainage_core.data.prepare import prepare
-    from brainage_core.evaluation import extract_features
+    from brainage_core.evaluation import apply_bias_correction, brain_age_gap, extract_features
     from brainage_core.export.ramp import centered_view
 
     if layout not in LAYOUTS:
@@ -158,8 +142,8 @@ def predict_cohort(
             parts.append(part)
     predictions = pd.concat(parts, ignore_index=True)
     age = predictions["age"].to_numpy(dtype=float)
-    predictions["brain_age_gap"] = predictions["brain_age"] - age
-    gap, corrected = bias_corrected(predictions["brain_age"].to_numpy(), age, meta.get("bias_correction"))
+    predictions["brain_age_gap"] = brain_age_gap(predictions["brain_age"].to_numpy(), age)
+    gap, corrected = apply_bias_correction(predictions["brain_age"].to_numpy(), age, meta.get("bias_correction"))
     predictions["brain_age_gap_corrected"] = gap
     predictions["brain_age_corrected"] = corrected
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,36 +6,24 @@ run are real processes, each with its own local Ray.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from scipy import stats
 
 from brainage_core.errors import DataError
-from study.final import select_top, t_interval
+from study.final import select_top
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
 # starts Ray or runs study commands in subprocesses (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
-
-
-def test_t_interval_matches_scipy():
-    values = [3.1, 2.7, 3.6, 2.9]
-    mean, std, low, high = t_interval(values)
-    ref_low, ref_high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
-    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
-    assert (low, high) == pytest.approx((ref_low, ref_high))
-    one = t_interval([2.0])
-    assert one[0] == 2.0 and all(math.isnan(v) for v in one[1:])
 
 
 def test_select_top_uses_completed_trials_last_evaluation():

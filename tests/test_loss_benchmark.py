@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from analysis.tables import MIN_LEARNING_EPOCHS
-from bench.loss_benchmark import LOSSES, markdown, welch_difference
+from bench.loss_benchmark import LOSSES, difference_summary, interval_summary, markdown
 from study.ray_runtime import cpus_per_trial
 from study.space import load_search_space
 
@@ -49,18 +49,16 @@ def test_benchmark_spaces_share_everything_but_the_loss():
     assert raw["l1"]["data"]["grid"] == "6mm"
 
 
-def test_welch_difference_matches_scipy():
-    from scipy import stats
-
-    a, b = [4.1, 4.5, 3.9, 4.4], [5.0, 5.6, 5.2]
-    w = welch_difference(a, b)
-    ref = stats.ttest_ind(a, b, equal_var=False)
-    assert w["p_value"] == pytest.approx(ref.pvalue)
-    assert w["diff"] == pytest.approx(sum(a) / 4 - sum(b) / 3)
-    assert w["significant"] and w["ci95_high"] < 0
-    same = welch_difference([1.0, 2.0, 3.0], [1.5, 2.5, 1.0])
-    assert not same["significant"] and same["ci95_low"] < 0 < same["ci95_high"]
-    assert math.isnan(welch_difference([1.0], [2.0, 3.0])["diff"])
+def test_json_summaries_of_the_intervals():
+    # the statistics are tested in tests/test_intervals.py; here the JSON keys the table reads
+    iv = interval_summary([3.0, float("nan"), 5.0])
+    assert set(iv) == {"n", "mean", "std", "ci95_low", "ci95_high"} and iv["n"] == 2 and iv["mean"] == 4.0
+    assert iv["ci95_low"] < 4.0 < iv["ci95_high"]
+    w = difference_summary([4.1, 4.5, 3.9, 4.4], [5.0, 5.6, 5.2])
+    assert set(w) == {"diff", "ci95_low", "ci95_high", "p_value", "significant"}
+    assert w["significant"] and w["ci95_high"] < 0 and 0 < w["p_value"] < 0.05
+    assert math.isnan(difference_summary([1.0], [2.0, 3.0])["diff"])
+    json.dumps(w)  # plain types
 
 
 @pytest.mark.slow

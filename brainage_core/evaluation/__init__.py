@@ -6,6 +6,7 @@ This package never imports Ray.
 
 from __future__ import annotations
 
+from brainage_core.evaluation.bias import apply_bias_correction, brain_age_gap, fit_bias_correction
 from brainage_core.evaluation.evaluator import METRIC_SUFFIXES, Evaluator, training_rows
 from brainage_core.evaluation.features import extract_features
 from brainage_core.evaluation.probes import AGE_ALPHAS, SITE_CS, FittedProbe, fit_age_probe, fit_site_probe
@@ -17,7 +18,7 @@ from brainage_core.evaluation.scores import (
     mae,
     rmse,
 )
-from brainage_core.evaluation.validation import ValidationSplit, make_validation_split
+from brainage_core.evaluation.validation import ValidationSplit, make_validation_split, validation_split_of
 
 __all__ = [
     "AGE_ALPHAS",
@@ -27,14 +28,18 @@ __all__ = [
     "METRIC_SUFFIXES",
     "SITE_CS",
     "ValidationSplit",
+    "apply_bias_correction",
     "balanced_accuracy",
+    "brain_age_gap",
     "challenge_scores",
     "chance_balanced_accuracy",
     "extract_features",
     "fit_age_probe",
+    "fit_bias_correction",
     "fit_site_probe",
     "mae",
     "make_validation_split",
     "rmse",
+    "validation_split_of",
     "training_rows",
 ]

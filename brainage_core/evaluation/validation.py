@@ -9,12 +9,19 @@ The split is a pure function of the table and the seed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from brainage_core.config import EvaluationConfig
 from brainage_core.errors import DataError
+
+#: the split's defaults are the experiment config's (``evaluation.val_internal_frac`` / ``val_external_frac``
+#: / ``val_seed``), read here so that no caller copies the numbers
+_DEFAULTS = EvaluationConfig()
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,11 @@ def _stratified_sample(sites: np.ndarray, n_take: int, rng: np.random.Generator)
 
 
 def make_validation_split(
-    train_table: pd.DataFrame, *, internal_frac: float = 0.09, external_frac: float = 0.10, seed: int = 0
+    train_table: pd.DataFrame,
+    *,
+    internal_frac: float = _DEFAULTS.val_internal_frac,
+    external_frac: float = _DEFAULTS.val_external_frac,
+    seed: int = _DEFAULTS.val_seed,
 ) -> ValidationSplit:
     """Split the ``train`` table (columns ``site``, ``row``) into training / internal / external validation.
 
@@ -126,3 +137,20 @@ def make_validation_split(
         val_external_rows=np.sort(rows[is_external]),
         external_sites=tuple(sorted(external_sites)),
     )
+
+
+def validation_split_of(
+    train_table: pd.DataFrame, evaluation: EvaluationConfig | Mapping[str, Any] | None
+) -> ValidationSplit:
+    """:func:`make_validation_split` with the settings of an experiment's ``evaluation`` section: the
+    validated :class:`~brainage_core.config.EvaluationConfig`, or its plain dict (a checkpoint's config),
+    where a missing key takes the config's default."""
+    if not isinstance(evaluation, EvaluationConfig):
+        section = dict(evaluation or {})
+        keys = ("val_internal_frac", "val_external_frac", "val_seed")
+        evaluation = {k: section.get(k, getattr(_DEFAULTS, k)) for k in keys}
+    else:
+        evaluation = {k: getattr(evaluation, k) for k in ("val_internal_frac", "val_external_frac", "val_seed")}
+    return make_validation_split(train_table, internal_frac=float(evaluation["val_internal_frac"]),
+                                 external_frac=float(evaluation["val_external_frac"]),
+                                 seed=int(evaluation["val_seed"]))

@@ -12,6 +12,7 @@ from brainage_core.export.ramp import (
     check_sanitizer,
     estimator_source,
     forbidden_words,
+    model_from_spec,
     model_spec,
     write_submission,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "check_sanitizer",
     "estimator_source",
     "forbidden_words",
+    "model_from_spec",
     "model_spec",
     "write_submission",
 ]

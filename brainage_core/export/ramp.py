@@ -134,6 +134,19 @@ def model_spec(model: nn.Module, config: dict[str, Any], *, grid: str, batch_siz
     return spec
 
 
+def model_from_spec(spec: ModelSpec | Mapping[str, Any]) -> nn.Module:
+    """A fresh (untrained) network of the architecture a :class:`ModelSpec` (or its dict, as stored in
+    ``metadata.pkl``) describes, ready for the submission's ``weights.pth``; the inverse of :func:`model_spec`.
+    ``ConfigError`` from ``brainage_core.models.build_model`` for an unknown backbone or head."""
+    from brainage_core.models import build_model
+
+    spec = asdict(spec) if isinstance(spec, ModelSpec) else spec
+    options: dict[str, Any] = {"base_width": int(spec["base_width"])}
+    if spec["head"] == "contrastive":
+        options.update(proj_dim=int(spec["proj_dim"]), normalize=bool(spec["normalize"]), feature=spec["feature"])
+    return build_model(spec["backbone"], spec["head"], **options)
+
+
 def centered_view(model: nn.Module, spec: ModelSpec | Mapping[str, Any]) -> nn.Module:
     """``model`` behind the deterministic input transform it was trained with, for feature extraction.
 
