@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER ?= 0
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS ?= 0
 
-.PHONY: venv demo test lint clean-venv
+.PHONY: venv demo test test-fast test-slow lint clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,19 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# The library alone (brainage_core: no Ray, no study), slow tests deselected: the check to run before
+# every commit. Slow tests carry @pytest.mark.slow (setup.cfg lists the marker); `make test` runs all.
+LIBRARY_TESTS := tests/test_layers.py tests/test_config.py tests/test_metrics.py tests/test_losses.py \
+	tests/test_losses_distributed.py tests/test_models.py tests/test_data_dataset.py tests/test_data_nifti.py \
+	tests/test_data_openbhb.py tests/test_data_ramp.py tests/test_sources.py tests/test_synthetic.py \
+	tests/test_synthetic_offline.py tests/test_realism.py tests/test_evaluation.py tests/test_training.py
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow" $(LIBRARY_TESTS)
+
+# Only the slow tests (Ray studies, subprocess pipelines, gloo ranks).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 clean-venv:
 	rm -rf $(VENV)

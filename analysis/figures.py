@@ -10,9 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis.tables import Importances  # noqa: E402
-
-CHANCE_BACC = 1 / 64
+from analysis.tables import BASELINE_OF, Importances  # noqa: E402
 
 
 def _method_colors(methods) -> dict:
@@ -20,8 +18,23 @@ def _method_colors(methods) -> dict:
     return {m: cmap(i % 10) for i, m in enumerate(sorted(map(str, set(methods))))}
 
 
+def _level(rows: pd.DataFrame, metric: str) -> float | None:
+    """The baseline of ``metric`` in ``rows`` (median of its ``BASELINE_OF`` column), None when absent."""
+    col = BASELINE_OF.get(metric)
+    if col is None or col not in rows.columns or not rows[col].notna().any():
+        return None
+    return float(rows[col].median())
+
+
+def _chance_label(value: float) -> str:
+    n = round(1 / value) if value > 0 else 0
+    return f"chance (1/{n} sites)" if n and abs(1 / n - value) < 1e-9 else f"chance ({value:.3f})"
+
+
 def pareto_figure(best: pd.DataFrame, front: pd.DataFrame, x: str = "val_mae_ext", y: str = "val_bacc") -> Figure:
-    """Scatter of every trial's best evaluation in (``x``, ``y``), coloured by loss, the Pareto front as a line."""
+    """Scatter of every trial's best evaluation in (``x``, ``y``), coloured by loss, the Pareto front as a line;
+    the constant baseline of ``x`` and the chance level of ``y`` (from the cohort's own sites) when the
+    results have them."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = _method_colors(best["method"].astype(str))
     for method, g in best.groupby(best["method"].astype(str)):
@@ -29,7 +42,12 @@ def pareto_figure(best: pd.DataFrame, front: pd.DataFrame, x: str = "val_mae_ext
     if len(front):
         ax.step(front[x], front[y] * 100, where="post", color="k", lw=1.2, label="Pareto front")
         ax.scatter(front[x], front[y] * 100, facecolors="none", edgecolors="k", s=90)
-    ax.axhline(CHANCE_BACC * 100, color="grey", ls=":", lw=1, label="chance (1/64)")
+    chance = _level(best, y)
+    if chance is not None:
+        ax.axhline(chance * 100, color="grey", ls=":", lw=1, label=_chance_label(chance))
+    const = _level(best, x)
+    if const is not None:
+        ax.axvline(const, color="tab:red", ls="--", lw=1, label=f"constant: median age ({const:.2f})")
     ax.set_xlabel(f"{x} (years, lower is better)")
     ax.set_ylabel(f"{y} (%, lower is better)")
     ax.set_title("External MAE against site balanced accuracy")
@@ -38,8 +56,9 @@ def pareto_figure(best: pd.DataFrame, front: pd.DataFrame, x: str = "val_mae_ext
     return fig
 
 
-def epoch_figure(long: pd.DataFrame) -> Figure:
-    """One panel per metric, one line per trial (colour = loss), metric against epoch."""
+def epoch_figure(long: pd.DataFrame, baselines: dict[str, float] | None = None) -> Figure:
+    """One panel per metric, one line per trial (colour = loss), metric against epoch; ``baselines``
+    (metric -> level, e.g. :func:`analysis.tables.baseline_levels`) drawn as a dashed line in its panel."""
     metrics = list(dict.fromkeys(long["metric"]))
     n = max(len(metrics), 1)
     cols = min(n, 3)
@@ -50,6 +69,10 @@ def epoch_figure(long: pd.DataFrame) -> Figure:
         g = long[long["metric"] == metric]
         for (_study, _trial, method), t in g.groupby(["study", "trial_id", g["method"].astype(str)]):
             ax.plot(t["epoch"], t["value"], marker="o", ms=3, color=colors[method], alpha=0.7, label=method)
+        level = (baselines or {}).get(metric)
+        if level is not None:
+            label = _chance_label(level) if metric.endswith("bacc") else f"constant ({level:.2f})"
+            ax.axhline(level, color="tab:red" if "mae" in metric else "grey", ls="--", lw=1, label=label)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         handles, labels = ax.get_legend_handles_labels()

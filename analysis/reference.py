@@ -1,4 +1,4 @@
-"""The published OpenBHB figures (``../shared/docs/openbhb.md``), for side-by-side comparison.
+"""The published OpenBHB figures (``docs/evaluation.md``), for side-by-side comparison.
 
 These are **OpenBHB private-test** numbers (ResNet-18 on VBM unless noted, server-side test set of
 664 internal + 720 external subjects). They are not comparable with numbers measured on the synthetic

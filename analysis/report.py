@@ -92,7 +92,8 @@ def build_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python analysis/report.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python analysis/report.py", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     parser.add_argument("study_dirs", nargs="+", metavar="STUDY_DIR", help="study folder(s) written by study/run.py")
     parser.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     parser.add_argument("--metric", default="val_lc", help="validation metric that ranks trials (default: val_lc)")

@@ -30,6 +30,7 @@ from analysis.figures import epoch_figure, importance_figure, pareto_figure, ref
 from analysis.loader import best_rows, load_studies
 from analysis.reference import REFERENCE_SOURCE, reference_table
 from analysis.tables import (
+    baseline_levels,
     comparison_table,
     leaderboard,
     metrics_by_epoch,
@@ -37,6 +38,7 @@ from analysis.tables import (
     pareto_front,
     seed_summary,
     seed_table_wide,
+    smoke_verdict,
     status_counts,
     study_overview,
     style_leaderboard,
@@ -61,10 +63,19 @@ display(status_counts(results))
 # %% [markdown]
 # ## Leaderboard
 #
-# One row per finished trial, at its best evaluation by the selection metric. Rows whose training set
-# included test subjects are `leaked`: their test cells are struck through and must not be quoted.
+# One row per finished trial, at its best evaluation by the selection metric. Each MAE is followed by its
+# constant baseline (`*_const`: predicting the training rows' median age for everyone) and each BAcc by
+# its chance level (`*_bacc_chance`: 1 / the sites of the cohort's scored part); `beats_const` says
+# whether the trial is below the baseline on both validation MAEs. Rows whose training set included
+# test subjects are `leaked`: their test cells are struck through and must not be quoted.
 
 # %%
+verdict = smoke_verdict(results, metric)
+if verdict.smoke:
+    display(Markdown(f"**{verdict.message}**"))
+elif verdict.n_beating is not None:
+    display(Markdown(f"{verdict.n_beating} of {verdict.n_trials} trial(s) below the constant baseline on both "
+                     "validation MAEs."))
 board = leaderboard(results, metric, top=top)
 display(Markdown(f"Ranked by `{metric}` (lower is better); {len(board)} trial(s) shown."))
 display(style_leaderboard(board))
@@ -98,7 +109,7 @@ if any(len(imp.table) for imp in importances):
 # ## Metrics against epoch
 
 # %%
-show_figure(epoch_figure(metrics_by_epoch(results)))
+show_figure(epoch_figure(metrics_by_epoch(results), baseline_levels(results)))
 
 # %% [markdown]
 # ## Seeds: means and 95 % confidence intervals

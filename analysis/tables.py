@@ -32,6 +32,28 @@ LEADERBOARD_METRICS: tuple[str, ...] = (
 #: Metrics aggregated over seeds.
 SEED_METRICS: tuple[str, ...] = ("val_mae_int", "val_mae_ext", "val_bacc", "val_lc", *LEADERBOARD_METRICS[4:])
 
+#: metric -> the column holding its constant baseline (the evaluator's ``*_const``: MAE of predicting the
+#: probe rows' median age) or its chance level (``*_bacc_chance``: 1 / sites present in the scored part).
+BASELINE_OF: dict[str, str] = {
+    f"{split}_{m}": f"{split}_{m}_const" for split in ("val", "test") for m in ("mae_int", "mae_ext")
+} | {f"{split}_bacc": f"{split}_bacc_chance" for split in ("val", "test")}
+
+#: Fewer epochs than this and a study is called smoke-sized, whatever its figures say (a heuristic). On the
+#: 6 mm synthetic cohort: 3-epoch ResNet-18 trials were worse than the constant baseline on every split,
+#: 12 epochs (base width 8, 600 subjects) beat it on val_mae_int (0.68x) but not on test_mae_int, and
+#: 30 epochs (base width 16, 1,200 subjects) learned (test MAE int about 0.5x the constant).
+MIN_LEARNING_EPOCHS = 10
+
+
+def _with_baselines(metrics: list[str], columns) -> list[str]:
+    """``metrics`` with each one's baseline column (when present) right after it."""
+    out: list[str] = []
+    for m in metrics:
+        out.append(m)
+        if BASELINE_OF.get(m) in columns:
+            out.append(BASELINE_OF[m])
+    return out
+
 NEEDS_FINAL = (
     "one seed per configuration: confidence intervals need several seeds per configuration — run "
     "`python study/final.py STUDY_DIR --top-k K --seeds N` and rebuild the report"
@@ -42,7 +64,11 @@ def leaderboard(df: pd.DataFrame, metric: str = "val_lc", top: int | None = None
     """One row per finished trial (its best evaluation by ``metric``), best first.
 
     Columns: ``rank``, ``study``, ``trial_id``, ``method``, the searched parameters (``param.`` dropped),
-    ``epoch``, the validation and test metrics, ``leaked``.
+    ``epoch``, the validation and test metrics each followed by its baseline when the results have it
+    (``*_mae_*_const``: predicting the training median age; ``*_bacc_chance``), ``beats_const`` (True
+    when every validation MAE is below its constant baseline; absent without baselines), ``protocol``
+    (the probe protocol of that evaluation, ``exact`` or ``fast``; ``exact`` for results written before
+    the column existed), ``leaked``.
     """
     best = best_rows(df, metric)
     if top is not None:
@@ -52,8 +78,81 @@ def leaderboard(df: pd.DataFrame, metric: str = "val_lc", top: int | None = None
     metrics = [m for m in LEADERBOARD_METRICS if m in best.columns]
     if metric not in metrics:
         metrics.insert(0, metric)
-    table = best[["rank", "study", "trial_id", "method", *params, "epoch", *metrics, "leaked"]]
+    metrics = _with_baselines(metrics, best.columns)
+    extra = []
+    if "val_mae_int_const" in best.columns or "val_mae_ext_const" in best.columns:
+        best = best.assign(beats_const=beats_constant(best))
+        extra = ["beats_const"]
+    best = best.assign(protocol=best["protocol"].fillna("exact") if "protocol" in best.columns else "exact")
+    table = best[["rank", "study", "trial_id", "method", *params, "epoch", *metrics, *extra, "protocol", "leaked"]]
     return table.rename(columns={c: c[len("param."):] for c in params}).reset_index(drop=True)
+
+
+def beats_constant(rows: pd.DataFrame, prefix: str = "val") -> pd.Series:
+    """Per row: True when each of ``{prefix}_mae_int`` / ``{prefix}_mae_ext`` that has a baseline is below
+    it (a model that learned something about age); False when one is not or is NaN."""
+    ok = pd.Series(True, index=rows.index)
+    checked = False
+    for m in (f"{prefix}_mae_int", f"{prefix}_mae_ext"):
+        const = BASELINE_OF[m]
+        if m in rows.columns and const in rows.columns and rows[const].notna().any():
+            ok &= rows[m].lt(rows[const]).fillna(False)
+            checked = True
+    return ok if checked else pd.Series(False, index=rows.index)
+
+
+def baseline_levels(df: pd.DataFrame) -> dict[str, float]:
+    """metric -> its baseline (median over rows of the baseline column; the validation split is fixed per
+    study, so this is the study's value), for the metrics whose baseline column has a value."""
+    return {m: float(df[b].median()) for m, b in BASELINE_OF.items() if b in df.columns and df[b].notna().any()}
+
+
+@dataclass
+class SmokeVerdict:
+    """Whether a study's figures can be read as findings. ``smoke`` True: they cannot (``reasons`` say
+    why, in plain words); ``message`` is the text a report shows."""
+
+    smoke: bool
+    reasons: list[str]
+    n_trials: int
+    n_beating: int | None
+    max_epoch: int | None
+
+    @property
+    def message(self) -> str:
+        if not self.smoke:
+            return ""
+        return ("Smoke-sized study: these figures do not say which configuration is better, and the ranking "
+                "below is noise. " + " ".join(self.reasons))
+
+
+def smoke_verdict(df: pd.DataFrame, metric: str = "val_lc", min_epochs: int = MIN_LEARNING_EPOCHS) -> SmokeVerdict:
+    """Flag a study whose trials learned nothing measurable.
+
+    Smoke-sized when no finished trial's best evaluation (by ``metric``) has every validation MAE below
+    its constant baseline (``beats_constant``), or when the longest trial ran fewer than ``min_epochs``
+    epochs. Results without baseline columns (older studies) are judged on epochs alone and say so.
+    """
+    best = best_rows(df, metric)
+    reasons: list[str] = []
+    n_beating: int | None = None
+    max_epoch = int(best["epoch"].max()) if len(best) and best["epoch"].notna().any() else None
+    if "val_mae_int_const" in best.columns or "val_mae_ext_const" in best.columns:
+        n_beating = int(beats_constant(best).sum())
+        if n_beating == 0:
+            const = ", ".join(f"{m} {v:.2f}" for m, v in baseline_levels(best).items() if m.startswith("val_mae"))
+            reasons.append(f"No trial is below the constant baseline (predicting the training median age: {const} "
+                           "years): no model learned age.")
+    else:
+        reasons.append("(These results have no constant-baseline columns: only the epoch count was checked.)")
+    longest = int(df["epoch"].max()) if "epoch" in df.columns and df["epoch"].notna().any() else None
+    if longest is not None and longest < min_epochs:
+        reasons.append(f"The longest trial ran {longest} epoch(s), fewer than the {min_epochs} it takes to learn "
+                       "on this kind of data.")
+    smoke = bool(n_beating == 0 or (longest is not None and longest < min_epochs))
+    if not smoke:
+        reasons = [r for r in reasons if r.startswith("(")]
+    return SmokeVerdict(smoke=smoke, reasons=reasons, n_trials=len(best), n_beating=n_beating, max_epoch=max_epoch)
 
 
 def style_leaderboard(table: pd.DataFrame):

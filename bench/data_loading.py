@@ -134,7 +134,7 @@ def machine_info() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", default="bench/results/data_loading.json")
     parser.add_argument("--grids", nargs="+", default=["full", "3mm"])
     parser.add_argument("--volumes", type=int, default=64, help="volumes at the full grid (8× at 3mm)")

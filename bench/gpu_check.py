@@ -324,7 +324,7 @@ def bench_loop(device, *, grid, subjects, base_width, batch, epochs, workdir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: 6 mm grid, tiny models, a few steps")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget of each training config")

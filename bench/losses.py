@@ -113,7 +113,7 @@ def machine_info(threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512], help="N = V·B values")
     parser.add_argument("--repeats", type=int, default=25, help="timed runs per figure (≥ 20)")
     parser.add_argument("--warmup", type=int, default=3)

@@ -152,7 +152,7 @@ def bench_one(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--grid", choices=GRID_NAMES, default=None, help="default: full on GPU, 6mm on CPU")
     parser.add_argument("--batch", type=int, default=None, help="subjects per step; default 32 GPU, 4 CPU")

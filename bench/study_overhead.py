@@ -127,7 +127,7 @@ def run_variant(name: str, space: Path, storage: Path, *, reuse: bool, num_cpus:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subjects", type=int, default=40)

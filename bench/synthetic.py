@@ -24,7 +24,7 @@ from brainage_core.data.synthetic_anatomy import load_anatomy
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--subjects", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

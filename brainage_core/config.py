@@ -36,10 +36,12 @@ from typing import Any
 
 import yaml
 
+from brainage_core import loss_registry
 from brainage_core.errors import ConfigError
 
 __all__ = [
     "plain_copy",
+    "config_differences",
     "BACKBONES",
     "HEADS",
     "LOSS_METHODS",
@@ -70,18 +72,19 @@ __all__ = [
     "check_value",
 ]
 
-# The names below mirror brainage_core.models / brainage_core.losses (the config must be usable, and
-# its errors precise, without importing torch); tests check that they agree.
+# The model names mirror brainage_core.models (the config must be usable, and its errors precise,
+# without importing torch); tests check that they agree. The loss methods and their parameters come
+# from brainage_core.loss_registry (torch-free), which brainage_core.losses reads too.
 BACKBONES = ("resnet18", "resnet34", "resnet50", "densenet121", "alexnet3d")
 HEADS = ("contrastive", "regression")
-CONTRASTIVE_LOSS_METHODS = ("yaware", "supcon", "threshold", "expw", "rnc")
-SUPERVISED_LOSS_METHODS = ("l1", "mse")
-LOSS_METHODS = CONTRASTIVE_LOSS_METHODS + SUPERVISED_LOSS_METHODS
-KERNEL_METHODS = ("yaware", "threshold", "expw")  # methods that need loss.kernel
-FORM_METHODS = ("threshold", "expw")  # methods that accept loss.form
-KERNELS = ("gaussian", "rbf", "cauchy")
+CONTRASTIVE_LOSS_METHODS = loss_registry.CONTRASTIVE_METHODS
+SUPERVISED_LOSS_METHODS = loss_registry.SUPERVISED_METHODS
+LOSS_METHODS = loss_registry.LOSS_METHODS
+KERNEL_METHODS = loss_registry.KERNEL_METHODS  # methods that need loss.kernel
+FORM_METHODS = loss_registry.FORM_METHODS  # methods that accept loss.form
+KERNELS = loss_registry.KERNELS
 GRIDS = ("full", "3mm", "6mm")
-RNC_DEFAULT_TEMPERATURE = 2.0
+PROBE_PROTOCOLS = ("exact", "fast")  # brainage_core.evaluation.probes.PROTOCOLS
 
 
 def _spec(
@@ -150,7 +153,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The loss (``brainage_core.losses.build_loss``); see ``shared/docs/losses.md``.
+    """The loss (``brainage_core.losses.build_loss``); see ``docs/losses.md``.
 
     ``kernel`` defaults to ``rbf`` for the methods that need one (yaware, threshold, expw) and to
     None for the others; ``form`` None means the method's default (``reference``);
@@ -159,29 +162,17 @@ class LossConfig:
 
     method: str = _f("yaware", choices=LOSS_METHODS)
     kernel: str | None = _f("rbf", choices=KERNELS)
-    sigma: float = _f(1.0, gt=0.0)
+    sigma: float = _f(loss_registry.DEFAULT_SIGMA, gt=0.0)
     temperature: float | None = _f(0.1, gt=0.0)
     base_temperature: float = _f(0.07, gt=0.0)
-    form: str | None = _f(None, choices=("paper", "reference"))
-    delta_reduction: str = _f("sum", choices=("sum", "mean"))
+    form: str | None = _f(None, choices=loss_registry.FORMS)
+    delta_reduction: str = _f("sum", choices=loss_registry.DELTA_REDUCTIONS)
     threshold_margin: float = _f(0.0, ge=0.0)
 
     def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``build_loss(method, **kwargs)`` holding only what the method takes."""
-        kwargs: dict[str, Any] = {}
-        if self.method in SUPERVISED_LOSS_METHODS:
-            return kwargs
-        kwargs["temperature"] = self.temperature
-        if self.method == "rnc":
-            return kwargs
-        kwargs["base_temperature"] = self.base_temperature
-        if self.method in KERNEL_METHODS:
-            kwargs.update(kernel=self.kernel, sigma=self.sigma)
-        if self.method in FORM_METHODS:
-            kwargs["form"] = self.form
-        if self.method == "threshold":
-            kwargs.update(delta_reduction=self.delta_reduction, threshold_margin=self.threshold_margin)
-        return kwargs
+        """Keyword arguments for ``build_loss(method, **kwargs)`` holding only what the method takes
+        (``brainage_core.loss_registry.LossMethod.parameters``)."""
+        return {name: getattr(self, name) for name in loss_registry.method_info(self.method).parameters}
 
 
 @dataclass
@@ -231,6 +222,10 @@ class EvaluationConfig:
     val_seed: int = _f(0, ge=0)
     batch_size: int = _f(32, ge=1)
     test: bool = _f(True)
+    # Probe protocol (docs/probes.md): "fast" for the evaluations during training (selection, ASHA),
+    # final_protocol for the last evaluation of a run, study/final.py and the probes of study/export.py.
+    protocol: str = _f("fast", choices=PROBE_PROTOCOLS)
+    final_protocol: str = _f("exact", choices=PROBE_PROTOCOLS)
 
 
 @dataclass
@@ -539,8 +534,9 @@ def _defaults_for_method(d: dict[str, Any]) -> dict[str, Any]:
     loss = dict(loss)
     if "kernel" not in loss and method not in KERNEL_METHODS:
         loss["kernel"] = None
-    if "temperature" not in loss and method == "rnc":
-        loss["temperature"] = RNC_DEFAULT_TEMPERATURE
+    info = loss_registry.METHODS.get(method)
+    if "temperature" not in loss and info is not None and info.default_temperature is not None:
+        loss["temperature"] = info.default_temperature  # 2.0 for rnc, the field's 0.1 for the others
     d["loss"] = loss
     raw_model = d.get("model", {})
     if not isinstance(raw_model, Mapping):  # left for the type check to report
@@ -573,16 +569,16 @@ def _check_cross_fields(cfg: ExperimentConfig, source: str | None) -> None:
             f"{where}loss.form = '{loss.form}': only loss.method {' or '.join(FORM_METHODS)} has a form, "
             f"not '{loss.method}': expected null"
         )
-    if loss.threshold_margin != 0.0 and not (loss.method == "threshold" and loss.form == "paper"):
+    if loss.threshold_margin != 0.0 and not loss_registry.margin_applies(loss.method, loss.form):
         raise ConfigError(
             f"{where}loss.threshold_margin = {loss.threshold_margin:g}: a margin applies only to "
             f"loss.method 'threshold' with loss.form 'paper' (found method '{loss.method}', form "
             f"{loss.form!r}): expected 0"
         )
-    if loss.method == "expw" and loss.kernel == "gaussian" and loss.sigma < 1.0 / math.sqrt(2.0 * math.pi):
+    if loss.method == "expw" and loss.kernel == "gaussian" and loss.sigma < loss_registry.MIN_EXPW_GAUSSIAN_SIGMA:
         raise ConfigError(
             f"{where}loss.sigma = {loss.sigma:g}: the gaussian kernel exceeds 1 at d = 0 when sigma < "
-            f"{1.0 / math.sqrt(2.0 * math.pi):.4f}, which turns expw's repulsion into attraction: expected "
+            f"{loss_registry.MIN_EXPW_GAUSSIAN_SIGMA:.4f}, which turns expw's repulsion into attraction: expected "
             f"sigma >= 0.3990 or another kernel"
         )
     expected_head = "regression" if loss.method in SUPERVISED_LOSS_METHODS else "contrastive"
@@ -707,6 +703,23 @@ def plain_copy(d: Any) -> Any:
     if isinstance(d, list):
         return [plain_copy(v) for v in d]
     return d
+
+
+def config_differences(a: Any, b: Any, *, close_floats: bool = False) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every leaf where two nested mappings differ, sorted by
+    key; a key missing on one side has None there. ``close_floats``: two floats equal within
+    ``math.isclose`` count as equal. Used to name what changed between a saved and a current config."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            for key in sorted(set(x) | set(y), key=str):
+                walk(x.get(key), y.get(key), f"{path}.{key}" if path else str(key))
+        elif x != y and not (close_floats and isinstance(x, float) and isinstance(y, float) and math.isclose(x, y)):
+            out.append((path, x, y))
+
+    walk(a, b, "")
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

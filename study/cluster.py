@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import shlex
 import sqlite3
@@ -52,6 +53,7 @@ __all__ = [
     "check_store_on_every_node",
     "check_visible_on_every_node",
     "code_runtime_env",
+    "ddp_trials_that_fit",
     "copy_sqlite",
     "dashboard_url",
     "inside_ray_job",
@@ -375,3 +377,24 @@ def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str
     name = getattr(status, "value", str(status))
     print(f"[submit] job {job_id} {name}" + (f": {info.message}" if info.message else ""), file=out, flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def ddp_trials_that_fit(num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                        cluster_resources: dict[str, float]) -> int:
+    """How many DDP trials of ``num_workers`` workers the cluster runs at once: each holds one CPU for
+    its trial process (what Tune reserves) plus, for its Train run, ``num_workers`` x
+    (``cpus_per_worker`` CPUs and one GPU when ``use_gpu``), which Tune does not see. Tune would start
+    more trials than that; the extra ones would wait for their workers' placement group and fail after
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``. Raises ConfigError when not even one fits."""
+    cpus = float(cluster_resources.get("CPU", 0.0))
+    per_trial_cpu = 1.0 + num_workers * cpus_per_worker
+    fits = math.floor(cpus / per_trial_cpu + 1e-9)
+    need = f"{per_trial_cpu:g} CPUs"
+    if use_gpu:
+        fits = min(fits, math.floor(float(cluster_resources.get("GPU", 0.0)) / num_workers + 1e-9))
+        need += f" and {num_workers} GPUs"
+    if fits < 1:
+        raise ConfigError(f"study.resources: a DDP trial of {num_workers} workers needs {need}; the Ray cluster has "
+                          f"{cpus:g} CPUs and {float(cluster_resources.get('GPU', 0.0)):g} GPUs: expected fewer "
+                          f"workers (study.resources.num_workers) or a larger cluster")
+    return fits

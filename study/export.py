@@ -11,11 +11,18 @@ metrics are refused) among the evaluations whose checkpoint is still stored (Ray
 ``checkpoints_to_keep`` per trial, by the study objective). ``--top-k K`` writes ranks 1..K as
 ``NAME-rank1`` … ``NAME-rankK`` beside each other.
 
+Nothing is exported under a false rank: when a trial that is better on the metric than the one to
+export has no stored checkpoint at all (deleted, or never written), the export is refused naming that
+trial; ``--fallback`` exports the best stored ones instead, with a warning naming each trial skipped.
+An existing, non-empty ``--out`` is refused unless ``--force`` (its files are then overwritten).
+
 ``metadata.pkl`` (a plain dict, ``pandas.read_pickle``): ``config`` (the checkpoint's), ``metrics`` (the
 exported evaluation's row of ``results.parquet``), ``study``, ``trial_id``, ``epoch``, ``rank``, ``metric``,
 ``checkpoint``, ``store`` and ``store_fingerprint``, ``age_probe`` (a fitted scikit-learn Ridge: features ->
 age in years, fitted on the store's train split minus the validation parts — the rows the ``val_*``
-probes were fitted on), ``age_probe_alpha``, ``bias_correction`` (``slope``, ``intercept`` of
+probes were fitted on; with ``evaluation.final_protocol: fast`` the equal
+``brainage_core.evaluation.fast_probes.LinearRegressor``), ``age_probe_protocol``, ``age_probe_alpha``,
+``bias_correction`` (``slope``, ``intercept`` of
 predicted = slope · age + intercept fitted on the validation parts; corrected gap = predicted −
 (slope · age + intercept)), ``model_spec`` and ``versions``.
 """
@@ -92,7 +99,9 @@ def read_results(study_dir: str | Path) -> pd.DataFrame:
 def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFrame:
     """Exportable evaluations ranked best first: per finished trial, the stored checkpoint with the lowest
     ``metric``. Adds ``rank`` (1-based) and ``checkpoint`` (absolute folder, or a URI for a study on an
-    object store; ``study_dir`` may be a URI).
+    object store; ``study_dir`` may be a URI). ``ranked.attrs["unstored"]``: the finished trials left out
+    because none of their checkpoints is stored, as ``{trial_id: (best metric value, its epoch, path)}``
+    (:func:`skipped_better_trials` tells which of them would rank ahead of an exported row).
 
     Errors: ``ConfigError`` for a ``test_*`` or unknown metric; ``DataError`` when no trial has finished or
     when no finished evaluation has a stored checkpoint (names the first missing path).
@@ -136,7 +145,31 @@ def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFr
     ranked = stored.sort_values([metric, "epoch"], ascending=[True, False]).groupby("trial_id", sort=False).head(1)
     ranked = ranked.reset_index(drop=True)
     ranked.insert(0, "rank", range(1, len(ranked) + 1))
+    unstored = {}
+    for trial, rows in done[~done["trial_id"].isin(set(stored["trial_id"]))].groupby("trial_id"):
+        best = rows.loc[rows[metric].idxmin()]
+        unstored[str(trial)] = (float(best[metric]), int(best["epoch"]), best["checkpoint"])
+    ranked.attrs["unstored"] = unstored
     return ranked
+
+
+def skipped_better_trials(ranked: pd.DataFrame, row: pd.Series, metric: str) -> list[str]:
+    """One description per finished trial without a stored checkpoint whose best ``metric`` beats ``row``'s
+    (so that exporting ``row`` at its rank would silently skip it)."""
+    return [f"trial {trial} ({metric} {value:.4g} at epoch {epoch}; checkpoint {path or 'never recorded'} missing)"
+            for trial, (value, epoch, path) in sorted(ranked.attrs.get("unstored", {}).items(), key=lambda t: t[1][0])
+            if value < float(row[metric])]
+
+
+def check_out(out: str | Path, force: bool) -> None:
+    """ConfigError unless ``out`` is absent or empty, or ``force`` allows overwriting it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a submission folder (absent or empty)")
+    if not force and out.is_dir() and any(out.iterdir()):
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise ConfigError(f"--out {out}: already holds {names}; expected an absent or empty folder, or --force "
+                          "to overwrite it")
 
 
 def _open_study_store(config: dict, store: str | Path | None):
@@ -171,9 +204,12 @@ def _fit_probe_and_bias(model, store, config: dict, *, device: str, batch_size: 
     train_rows = split.train_rows
     val_rows = np.sort(np.concatenate([split.val_internal_rows, split.val_external_rows]))
     x_train = extract_features(model, array, train_rows, batch_size=batch_size, device=device)
-    probe = fit_age_probe(x_train, ages.loc[train_rows].to_numpy())
+    protocol = str(ecfg.get("final_protocol", "exact"))
+    probe = fit_age_probe(x_train, ages.loc[train_rows].to_numpy(), protocol=protocol,
+                          device=device if protocol == "fast" else None)
     out: dict[str, Any] = {
         "age_probe": probe.estimator,
+        "age_probe_protocol": protocol,
         "age_probe_alpha": probe.param.get("alpha"),
         "age_probe_cv_r2": probe.cv_score,
         "age_probe_rows": int(train_rows.size),
@@ -206,11 +242,15 @@ def export_submission(
     device: str = "cpu",
     batch_size: int = 8,
     ranked: pd.DataFrame | None = None,
+    fallback: bool = False,
+    force: bool = False,
 ) -> Path:
     """Export the trial at ``rank`` (by ``metric``) of ``study_dir`` into the submission folder ``out``.
 
     ``store``: the prepared store the study trained on (default: the checkpoint config's ``data.store``).
     ``study_dir`` may be a URI: the checkpoint is downloaded into the cache.
+    ``fallback``: export even when a better trial has no stored checkpoint (a warning names it; else a
+    DataError). ``force``: overwrite a non-empty ``out`` (else a ConfigError, before anything is read).
     Errors: see :func:`rank_checkpoints`; ``ConfigError`` for a rank beyond the ranked trials or a non-VBM
     model; checkpoint errors from ``brainage_core.training``.
     """
@@ -220,11 +260,21 @@ def export_submission(
     from brainage_core.export.ramp import centered_view
     from brainage_core.training import load_model_from_checkpoint
 
+    check_out(out, force)
     study = StudyFolder(study_dir)
     ranked = rank_checkpoints(study.location, metric) if ranked is None else ranked
     if not isinstance(rank, int) or rank < 1 or rank > len(ranked):
         raise ConfigError(f"--rank {rank}: the study has {len(ranked)} exportable trial(s); expected 1..{len(ranked)}")
     row = ranked.iloc[rank - 1]
+    skipped = skipped_better_trials(ranked, row, metric)
+    if skipped and not fallback:
+        raise DataError(
+            f"{study.location}: rank {rank} by {metric} would be trial {row['trial_id']}, but better "
+            f"{'trials have' if len(skipped) > 1 else 'trial has'} no stored checkpoint: {'; '.join(skipped)}; "
+            "expected their checkpoint folders, or --fallback to export the best stored checkpoints instead"
+        )
+    for text in skipped:
+        warnings.warn(f"--fallback: skipped {text}; exporting trial {row['trial_id']} as rank {rank}", stacklevel=2)
     model, config = load_model_from_checkpoint(_local_checkpoint(row["checkpoint"]))
     data_store = _open_study_store(config, store)
     if data_store.manifest.get("modality", "vbm") != "vbm":
@@ -275,6 +325,8 @@ def export_top_k(
         raise ConfigError(f"--top-k {top_k}: expected an integer >= 1")
     ranked = rank_checkpoints(study_dir, metric)
     out = Path(out)
+    for r in range(1, min(top_k, len(ranked)) + 1):  # refuse before writing any of them
+        check_out(out.with_name(f"{out.name}-rank{r}"), bool(kwargs.get("force")))
     return [
         export_submission(
             study_dir, out.with_name(f"{out.name}-rank{r}"), rank=r, metric=metric, ranked=ranked, **kwargs
@@ -284,7 +336,8 @@ def export_top_k(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python study/export.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python study/export.py", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     parser.add_argument("study_dir", metavar="STUDY_DIR", help="study folder written by study/run.py")
     parser.add_argument("--out", required=True, help="submission folder, e.g. ramp-submission/NAME")
     parser.add_argument("--rank", type=int, default=1, help="which trial to export (1 = best; default 1)")
@@ -293,8 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default=None, help="prepared store of the study (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu", help="device for the age-probe features (default cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass in estimator.py (default 8)")
+    parser.add_argument("--fallback", action="store_true",
+                        help="when a better trial's checkpoint is gone, export the best stored one (with a warning)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing, non-empty --out")
     args = parser.parse_args(argv)
-    kwargs = {"metric": args.metric, "store": args.store, "device": args.device, "batch_size": args.batch_size}
+    kwargs = {"metric": args.metric, "store": args.store, "device": args.device, "batch_size": args.batch_size,
+              "fallback": args.fallback, "force": args.force}
     try:
         if args.top_k is not None:
             paths = export_top_k(args.study_dir, args.out, top_k=args.top_k, **kwargs)

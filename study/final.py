@@ -40,17 +40,16 @@ import pandas as pd
 import yaml
 
 from brainage_core.errors import BrainageError, ConfigError, DataError
-from study.space import VALIDATION_METRICS, SearchSpace, load_search_space
+from brainage_core.metrics import METRICS, TEST_METRICS, VALIDATION_METRICS
+from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder
 
 __all__ = ["main", "run_final", "select_top", "final_trials", "summarise", "t_interval", "TEST_METRICS"]
 
-TEST_METRICS = ("test_mae_int", "test_mae_ext", "test_rmse_int", "test_rmse_ext", "test_bacc", "test_lc")
-_LOWER_IS_BETTER = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext", "val_lc")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/final.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python study/final.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("study_dir", help="a study folder written by study/run.py")
     p.add_argument("--top-k", type=int, default=3, help="configurations to retrain (default 3)")
     p.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
@@ -88,13 +87,15 @@ def final_trials(space: SearchSpace, top: pd.DataFrame, seeds: int) -> list[dict
     from study.trial import EXTRA_OVERRIDES
 
     epochs = space.config.training.epochs
+    final_protocol = space.config.evaluation.final_protocol  # the one evaluation of a final run
     items = []
     for rank, row in enumerate(top.to_dict("records"), start=1):
         values = {k: row.get(f"param.{k}") for k in space.keys}
         sampled = space.sampled_from_values(values)
         for seed in range(seeds):
             extra = {"training.train_on": "train", "training.seed": seed, "training.epochs": epochs,
-                     "evaluation.eval_every": epochs, "evaluation.test": True}
+                     "evaluation.eval_every": epochs, "evaluation.test": True,
+                     "evaluation.protocol": final_protocol}
             items.append({**sampled, EXTRA_OVERRIDES: extra,
                           "_final": {"rank": rank, "source_trial_id": str(row["trial_id"]), "seed": seed,
                                      "params": {k: v for k, v in values.items() if _present(v)}}})
@@ -170,7 +171,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
         raise ConfigError(f"--metric {metric}: trials are ranked on validation data only: expected one of "
                           f"{', '.join(VALIDATION_METRICS)}")
     mode = (st.mode if metric == st.objective else
-            dict(zip(st.objectives, st.modes)).get(metric, "min" if metric in _LOWER_IS_BETTER else "max"))
+            dict(zip(st.objectives, st.modes)).get(metric, METRICS[metric].direction or "min"))
     results = pd.read_parquet(study_dir / "results.parquet")
     top = select_top(results, metric, mode, top_k, source=str(study_dir / "results.parquet"))
     items = final_trials(space, top, seeds)

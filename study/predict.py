@@ -60,7 +60,13 @@ def load_submission(submission: str | Path):
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise DataError(f"{path} not found; expected a submission folder written by study/export.py")
-    meta = pd.read_pickle(meta_path)
+    try:
+        meta = pd.read_pickle(meta_path)
+    except Exception as exc:  # pickle raises many types on a truncated or foreign file
+        raise DataError(f"{meta_path}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                        "expected the metadata written by study/export.py") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: holds a {type(meta).__name__}; expected the metadata dict of study/export.py")
     missing = [k for k in ("model_spec", "age_probe") if k not in meta]
     if missing:
         raise DataError(f"{meta_path} lacks {', '.join(missing)}; expected the metadata written by study/export.py")
@@ -69,10 +75,18 @@ def load_submission(submission: str | Path):
     if spec["head"] == "contrastive":
         options.update(proj_dim=int(spec["proj_dim"]), normalize=bool(spec["normalize"]), feature=spec["feature"])
     model = build_model(spec["backbone"], spec["head"], **options)
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated / corrupt file: zip, pickle or runtime errors
+        raise DataError(f"{weights_path}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                        "expected the weights written by study/export.py") from None
     if not isinstance(state, dict) or "model" not in state:
         raise DataError(f"{weights_path} holds no 'model' state dict; expected {{'model': state_dict}}")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(f"{weights_path}: weights do not fit the model of metadata.pkl "
+                        f"({' '.join(str(exc).split())[:160]}); expected the files of one export") from None
     return model.eval(), meta
 
 
@@ -132,7 +146,8 @@ def predict_cohort(
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="brainage-predict-") as scratch:
         prepared = prepare(cohort, layout=layout, out=store or Path(scratch) / "store", grid=grid,
-                           resample=resample, on_error=on_error, progress=False, require_age=False)
+                           resample=resample, on_error=on_error, progress=False, require_age=False,
+                           allow_missing_site=True)  # prediction has no site probe
         parts = []
         for split in prepared.splits:
             table = prepared.table(split)
@@ -163,7 +178,8 @@ def predict_cohort(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python study/predict.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python study/predict.py", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     parser.add_argument("submission", metavar="SUBMISSION_DIR",
                         help="folder written by study/export.py (or its copy at s3://... / gs://...)")
     parser.add_argument("cohort", metavar="COHORT", help="cohort folder (nifti layout: or its participants table)")

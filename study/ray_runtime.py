@@ -5,6 +5,16 @@
 - Otherwise a local Ray is started with ``num_cpus = max(cpu count, CPUs one wave of trials needs)``:
   a logical over-commit, because each trial process needs 1 CPU besides its Train workers, which
   would otherwise leave 2 DDP workers unschedulable on a 2-core machine (see ray-notes.md).
+- A local Ray listens on loopback only (:func:`local_ray_init`): its node address is 127.0.0.1, so that
+  the GCS, raylet, object manager, dashboard agent and metrics servers bind 127.0.0.1 instead of every
+  interface (Ray 2.60 resolves "127.0.0.1" to the host's address unless told it is no cluster:
+  Ray's private ``ENABLE_RAY_CLUSTER`` constant is cleared during ``ray.init``, :func:`study.compat.loopback_node`).
+  Clusters keep their
+  own addresses. A start whose node does not register within Ray's fixed 30 s (a loaded machine, the
+  agents of a SIGKILLed study's Ray still exiting) is tried again, up to :data:`START_ATTEMPTS` times.
+- Train's state tracking is on (``RAY_TRAIN_ENABLE_STATE_TRACKING=1``, also in the job's env_vars, as
+  each trial process reads it): the dashboard's Train V2 state API (``/api/train/v2/runs/v1``; the
+  older ``/api/train/v2/runs`` serves Train V1) lists the DDP trials' runs, attempts and workers.
 - The dashboard is kept ON and bound to 127.0.0.1 (with it off, stopped trials left worker CPUs
   reserved in this Ray version). Ray's token authentication stays as Ray sets it (on by default):
   :func:`auth_token_location` says where the token is so a browser or ``curl -H "Authorization:
@@ -16,14 +26,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
+from study import compat
 from study.space import Resources
 
-__all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "start_ray", "DEFAULT_ENV"]
+__all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "local_ray_init", "start_ray", "DEFAULT_ENV",
+           "LOOPBACK"]
+
+LOOPBACK = "127.0.0.1"
+#: tries of a local ray.init whose node times out during startup (Ray waits a fixed 30 s for its raylet)
+START_ATTEMPTS = 3
 
 #: environment that makes Ray quieter and more robust on small machines (set only when unset)
 DEFAULT_ENV = {
@@ -42,7 +59,47 @@ DEFAULT_ENV = {
     # Per-run structured JSON logs of the Train controller and workers: files nobody reads here.
     "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    # The dashboard's Train state API (/api/train/v2/runs: runs, attempts, workers of the DDP trials).
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
 }
+
+
+def _is_loopback_address(address: str) -> bool:
+    """Whether a GCS address ``host:port`` (or ``ray://host:port``) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _loopback_node():
+    """During ``ray.init``: Ray treats this machine as no cluster, so that 127.0.0.1 stays its address."""
+    return compat.loopback_node()
+
+
+def local_ray_init(**kwargs) -> object:
+    """``ray.init(**kwargs)`` of a new single-machine Ray that listens on 127.0.0.1 only (see the module
+    docstring), with :data:`DEFAULT_ENV` set (when unset) so that its processes inherit it."""
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    address_before = os.environ.get("RAY_ADDRESS")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            with _loopback_node():
+                # address "local": a new Ray even when `ray start` left a cluster on this machine
+                # (/tmp/ray/ray_current_cluster), which ray.init() would join and then refuse num_cpus
+                return ray.init(_node_ip_address=LOOPBACK, **{"address": "local", **kwargs})
+        except Exception as exc:  # Ray raises a bare Exception when its raylet does not register in 30 s
+            if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
+                raise
+            ray.shutdown()
+            # the failed start left RAY_ADDRESS naming its GCS: the next ray.init would try to join it
+            if address_before is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = address_before
+            print(f"[study] Ray's node did not start within Ray's 30 s (attempt {attempt}/{START_ATTEMPTS}: a busy "
+                  "machine, or the agents of a killed Ray still exiting); starting it again", file=sys.stderr,
+                  flush=True)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -51,6 +108,8 @@ class RayInfo:
     started_here: bool
     num_cpus: float
     auth: str
+    #: this call connected the process to Ray (a local start or ``address``), so the caller disconnects
+    connected_here: bool = False
 
 
 def cpus_per_trial(resources: Resources) -> float:
@@ -83,28 +142,32 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
     Ray is already initialised here. ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster;
     ``dashboard_host`` binds the dashboard of a Ray started here (the caller checks exposure rules).
     """
+    if env is not None:  # Train's state tracking is read in each trial process: a joined cluster needs it too
+        env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": DEFAULT_ENV["RAY_TRAIN_ENABLE_STATE_TRACKING"], **env}
     runtime_env = {**(runtime_env or {}), **({"env_vars": dict(env)} if env else {})} or None
     address = address or os.environ.get("RAY_ADDRESS")
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        try:  # the dashboard of the Ray this process already joined (private API: best effort)
-            url = ray._private.worker.global_worker.node.webui_url
-        except AttributeError:
-            url = None
+        url = compat.joined_dashboard_url()  # the dashboard of the Ray this process already joined
         return RayInfo(_url(url), False, ray.cluster_resources().get("CPU", 0.0), auth_token_location())
     if address:
-        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        if _is_loopback_address(address):  # a Ray started by local_ray_init: its node's address is 127.0.0.1
+            with _loopback_node():
+                context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env,
+                                   _node_ip_address=LOOPBACK)
+        else:
+            context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),
-                       auth_token_location())
+                       auth_token_location(), connected_here=True)
     needed = cpus_per_trial(resources) * max_concurrent_trials
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     num_gpus = None
-    context = ray.init(
+    context = local_ray_init(
         num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host=dashboard_host,
         logging_level=logging.WARNING, runtime_env=runtime_env,
     )
-    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location())
+    return RayInfo(_url(context.dashboard_url), True, float(num_cpus), auth_token_location(), connected_here=True)
 
 
 def _url(url: str | None) -> str | None:

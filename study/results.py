@@ -1,14 +1,20 @@
 """``results.parquet``: one row per trial and evaluation, written as results arrive.
 
 :class:`ResultsTable` keeps the rows in memory and rewrites the whole file atomically (temporary file
-+ ``os.replace``) after every change, so a crash of the driver loses nothing already reported and a
-reader never sees a half-written file. A study resumed with ``--resume`` loads the existing file and
++ ``os.replace``) after every new row and status change, so a crash of the driver loses no reported
+evaluation and a reader never sees a half-written file. The driver attaches Tune's checkpoint path to a
+row without a rewrite of its own (it follows with the trial's next row or status, or at the end of the
+study: the whole-table rewrite costs O(rows), bench/cluster_sim.py), so a crash can lose the checkpoint
+path of a running trial's last row; its checkpoint itself is in Tune's experiment, which a resume uses.
+
+A study resumed with ``--resume`` loads the existing file and
 keeps its rows; a row is identified by ``(trial_id, epoch)`` and a re-report of the same evaluation
 (a resumed trial re-reporting its last checkpoint) replaces the row instead of duplicating it.
 
 Columns (``docs/interfaces.md``): ``trial_id``, ``param.<dotted.key>`` for every searched key (the value
 the trial ran with; null where a conditional parameter does not apply), ``epoch``, every reported
-metric (``train_loss``, ``val_*``, ``test_*``...), ``leaked``, ``status`` (``running`` while the trial
+metric (``train_loss``, ``val_*``, ``test_*``...), ``protocol`` (the probes' protocol of that evaluation,
+``fast`` or ``exact``; docs/probes.md), ``leaked``, ``status`` (``running`` while the trial
 runs, then ``completed``, ``pruned`` (stopped early by ASHA) or ``error``), ``checkpoint_path``,
 ``wall_s`` (seconds of the trial's training since it first started, summed over restarts),
 ``compute_s`` (``wall_s`` x number of workers: worker-seconds), ``seed`` (``training.seed``),
@@ -81,6 +87,7 @@ class ResultsTable:
         self.param_keys = list(param_keys)
         self.static = dict(static)
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self.dirty = False  # a change not written yet (set_checkpoint(write=False))
         if resume and self.path.exists():
             for row in pd.read_parquet(self.path).to_dict("records"):
                 self.rows[(str(row["trial_id"]), int(row["epoch"]))] = row
@@ -108,14 +115,23 @@ class ResultsTable:
         self.write()
         return row
 
-    def set_checkpoint(self, trial_id: str, checkpoint_path: str) -> None:
-        """Attach a checkpoint path to the trial's latest row that has none."""
+    def set_checkpoint(self, trial_id: str, checkpoint_path: str, *, write: bool = True) -> None:
+        """Attach a checkpoint path to the trial's latest row that has none. ``write=False``: the file gets
+        it at the next write (:meth:`add`, :meth:`set_status`, :meth:`flush`)."""
         mine = [k for k in self.rows if k[0] == trial_id]
         if mine:
             row = self.rows[max(mine, key=lambda k: k[1])]
             if not row.get("checkpoint_path"):
                 row["checkpoint_path"] = checkpoint_path
-                self.write()
+                if write:
+                    self.write()
+                else:
+                    self.dirty = True
+
+    def flush(self) -> None:
+        """Write the file if a change is not in it yet."""
+        if self.dirty:
+            self.write()
 
     def set_status(self, trial_id: str, status: str) -> None:
         """Set the status of every row of one trial."""
@@ -150,6 +166,7 @@ class ResultsTable:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         df.to_parquet(tmp, index=False)
         os.replace(tmp, self.path)
+        self.dirty = False
         if self.on_write is not None:
             self.on_write()
 

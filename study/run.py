@@ -57,7 +57,8 @@ from typing import Any
 
 import yaml
 
-from brainage_core.errors import BrainageError, ConfigError
+from brainage_core.config import config_differences
+from brainage_core.errors import BrainageError, ConfigError, DataError
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder, is_uri, join_location
 
@@ -69,13 +70,17 @@ FAULT_KILL_DRIVER_AFTER_RESULTS = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
 #: (reusing a trial blocked in TorchTrainer.fit() made the next trial fail, ray-notes.md).
 REUSE_ACTORS = True
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
-FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT")
+FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT", "RAY_TRAIN_ENABLE_STATE_TRACKING")
 #: forwarded too when the study folder is on an object store: credentials, endpoints, regions
 CLOUD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+#: the driver's progress table: printed at most this often (seconds; and once, whole, at the end) ...
+PROGRESS_TABLE_EVERY_S = 30.0
+#: ... showing the best this many trials
+PROGRESS_TABLE_ROWS = 20
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("space", help="search-space YAML (see search_spaces/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides a.b=c (study.* keys set the study block)")
     p.add_argument("--name", help="study name (default: the YAML's file stem)")
@@ -104,9 +109,10 @@ def resolved_config(space: SearchSpace, overrides: Sequence[str]) -> dict[str, A
     return {**space.config.to_dict(), "search": search, "study": space.study.to_dict(), "overrides": list(overrides)}
 
 
-def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], resume: bool) -> None:
-    """Check the folder against ``--resume`` and write space.yaml / config.yaml (a remote folder: into its
-    mirror, then uploaded; ``--resume`` first downloads config.yaml, results.parquet and optuna.db)."""
+def _check_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], resume: bool) -> None:
+    """Check the folder against ``--resume`` without writing into it (a remote folder: ``--resume`` first
+    downloads config.yaml, results.parquet and optuna.db into its local mirror). ``--resume`` also checks
+    that results.parquet, when there is one, is readable (before Ray starts)."""
     study_dir = folder.local
     config_path = study_dir / "config.yaml"
     where = folder.child("config.yaml")
@@ -117,36 +123,72 @@ def _prepare_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any
             folder.clear_mirror()
             for rel in ("config.yaml", "space.yaml", "results.parquet", "optuna.db"):
                 folder.download(rel)
-        before = yaml.safe_load(config_path.read_text())
+        try:
+            before = yaml.safe_load(config_path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--resume: {where} is unreadable ({' '.join(str(exc).split())[:160]}); expected the "
+                              "config.yaml the study wrote") from None
         if before != config:
-            changed = sorted(_diff(before, config))
+            changed = [key for key, _, _ in config_differences(before, config)]
             raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
                               f"{', '.join(changed[:5])}: expected the command that started the study")
+        results = study_dir / "results.parquet"
+        if results.exists():
+            import pandas as pd
+
+            try:
+                pd.read_parquet(results)
+            except Exception as exc:  # pyarrow raises several types
+                raise DataError(
+                    f"--resume: {folder.child('results.parquet')} is unreadable ({type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:160]}); expected the study's results table: restore it from a "
+                    "backup, or move it away to resume with an empty table"
+                ) from None
         return
     if folder.exists("tune") or folder.exists("config.yaml"):
         raise ConfigError(f"study folder {folder.location} already holds a study: add --resume to continue it, or "
                           f"choose another --name / --storage")
+
+
+def _write_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any]) -> None:
+    """Write space.yaml / config.yaml of a new study (a remote folder: into its mirror, then uploaded).
+    Called only once everything that can be validated before Ray starts has been (the data store too)."""
+    study_dir = folder.local
     folder.clear_mirror()  # a stale mirror of an earlier study of that URI
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "space.yaml").write_text(space_path.read_text())
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        (study_dir / "space.yaml").write_text(space_path.read_text())
+        (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    except OSError as exc:
+        raise ConfigError(f"study folder {folder.location}: cannot write ({exc.strerror}: {exc.filename}); expected a "
+                          "writable --storage") from None
     folder.upload("space.yaml")
     folder.upload("config.yaml")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix[:-1]]
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def _guard_writes(method):
+    """Tune callback hook wrapper: an OSError writing the study folder (turned read-only, disk full) is
+    recorded in :data:`WRITE_ERRORS` and said once, instead of a traceback from inside Tune; the study's
+    stopper then ends the study (``run_study`` raises one line)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if not WRITE_ERRORS:
+                print(f"[study] cannot write the study folder ({exc.strerror or exc}: {exc.filename}): stopping the "
+                      "study", file=sys.stderr, flush=True)
+            WRITE_ERRORS.append(f"{exc.strerror or exc}: {exc.filename}")
+            return None
+
+    return guarded
 
 
 def _make_callback_class():
@@ -170,7 +212,9 @@ def _make_callback_class():
             self.table = None
             self.written = 0
             self.started = time.time()
+            self.table_printed = 0.0
 
+        @_guard_writes
         def setup(self, **info: Any) -> None:
             from brainage_core.data.store import open_store
             from study.results import ResultsTable, git_commit, package_versions
@@ -182,10 +226,12 @@ def _make_callback_class():
                                       on_write=functools.partial(self.folder.upload, "results.parquet"))
             self.written = 0
             self.started = time.time()
+            self.table_printed = 0.0
 
         def _params(self, trial: Any) -> dict[str, Any]:
             return self.space.overrides(trial.config)
 
+        @_guard_writes
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             if "epoch" not in result:
                 return
@@ -211,11 +257,15 @@ def _make_callback_class():
                 print(f"[study] test fault hook: killing the driver after {self.written} results", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        @_guard_writes
         def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
             from study.trial import checkpoint_location
 
-            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
+            # Tune calls this right after on_trial_result: the path reaches the file with the trial's next row
+            # or status (or at the end), not by a second rewrite of the whole table per result
+            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint), write=False)
 
+        @_guard_writes
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             from study.searcher import EARLY_STOPPED
 
@@ -234,6 +284,7 @@ def _make_callback_class():
 
                 copy_sqlite(*self.optuna_copy)
 
+        @_guard_writes
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.table.set_status(trial.trial_id, "error")
             self.print_table(trials)
@@ -249,19 +300,46 @@ def _make_callback_class():
                     best = (row["trial_id"], v)
             return best
 
-        def print_table(self, trials: list) -> None:
-            print(progress_table(self.table.frame(), self.space), flush=True)
+        def print_table(self, trials: list, *, final: bool = False) -> None:
+            # every PROGRESS_TABLE_EVERY_S at most, the best PROGRESS_TABLE_ROWS: printed at every trial end,
+            # the whole table made a 500-trial study's driver spend a quarter of its time on it
+            # (bench/cluster_sim.py) and wrote O(trials^2) lines to its log
+            now = time.time()
+            if not final and now - self.table_printed < PROGRESS_TABLE_EVERY_S:
+                return
+            self.table_printed = now
+            print(progress_table(self.table.frame(), self.space, max_rows=None if final else PROGRESS_TABLE_ROWS),
+                  flush=True)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.table is not None and len(self.table):
+                self.table.flush()
+                self.print_table(trials, final=True)
 
     return StudyCallbackImpl
 
 
-def progress_table(df: Any, space: SearchSpace) -> str:
-    """One line per trial: status, last epoch, parameters, last and best objective; best trial marked."""
+def _fmt_pair(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}")
+
+
+def progress_table(df: Any, space: SearchSpace, max_rows: int | None = None) -> str:
+    """One line per trial: status, last epoch, parameters, the last evaluation's validation MAEs next to
+    their constant baselines and BAcc next to chance (``4.1/9.3``: model/baseline, when the results have
+    them), last and best objective; best trial marked. ``max_rows``: only the best that many trials, then
+    a line saying how many more there are."""
     st = space.study
     if df is None or len(df) == 0:
         return "[study] no results yet"
     lines = []
-    header = ["trial", "status", "epoch", *space.keys, st.objective, f"best {st.objective}"]
+    pairs = [(m, b) for m, b in (("val_mae_int", "val_mae_int_const"), ("val_mae_ext", "val_mae_ext_const"),
+                                 ("val_bacc", "val_bacc_chance")) if m in df.columns and b in df.columns]
+    header = ["trial", "status", "epoch", *space.keys, *[f"{m[4:]}/{'chance' if 'bacc' in m else 'const'}"
+                                                           for m, _ in pairs], st.objective, f"best {st.objective}"]
     rows = []
     best_trial, best_value = None, None
     for trial_id, g in df.groupby("trial_id", sort=False):
@@ -270,18 +348,24 @@ def progress_table(df: Any, space: SearchSpace) -> str:
         trial_best = (values.min() if st.mode == "min" else values.max()) if len(values) else None
         last = g.iloc[-1]
         rows.append([trial_id, last["status"], last["epoch"], *[last.get(f"param.{k}") for k in space.keys],
+                     *[f"{_fmt_pair(last.get(m))}/{_fmt_pair(last.get(b))}" for m, b in pairs],
                      last.get(st.objective), trial_best])
         if trial_best is not None and (best_value is None or (trial_best < best_value if st.mode == "min"
                                                               else trial_best > best_value)):
             best_trial, best_value = trial_id, trial_best
     sign = 1 if st.mode == "min" else -1
     rows.sort(key=lambda r: (r[-1] is None, sign * r[-1] if r[-1] is not None else 0.0))  # leaderboard order
+    done = sum(1 for r in rows if r[1] in ("completed", "pruned"))
+    hidden = len(rows) - max_rows if max_rows is not None and len(rows) > max_rows else 0
+    if hidden:
+        rows = rows[:max_rows]
     cells = [header] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for i, r in enumerate(cells):
         mark = " *" if i and rows[i - 1][0] == best_trial else ""
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + mark)
-    done = sum(1 for r in rows if r[1] in ("completed", "pruned"))
+    if hidden:
+        lines.append(f"... {hidden} more trial(s): every row is in results.parquet")
     return (f"[study] {done}/{st.num_samples} trials done; best {st.objective} = {_fmt(best_value)} "
             f"(trial {best_trial}, marked *)\n" + "\n".join(lines))
 
@@ -338,14 +422,16 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         folder.check_writable()  # before anything is written
     study_dir = folder.local  # where the driver writes (a remote folder: its local mirror)
     config = resolved_config(space, overrides)
-    _prepare_folder(folder, space_path, config, resume)
+    _check_folder(folder, space_path, config, resume)
 
     from brainage_core.data.sources import resolve_store
 
     print(f"[study] {name}: {space.study.num_samples} trials ({space.study.searcher}), objective "
           f"{space.study.objective} ({space.study.mode}); folder {folder.location}", flush=True)
-    store = resolve_store(space.config.data, progress=True)
+    store = resolve_store(space.config.data, progress=True)  # bad data fails here: nothing written yet
     print(f"[study] data store {store.path} (fingerprint {store.fingerprint})", flush=True)
+    if not resume:
+        _write_folder(folder, space_path, config)
 
     import ray
     from ray import tune
@@ -398,7 +484,19 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     else:
         trial_resources = {"cpu": res.cpus_per_worker, "gpu": 1 if res.use_gpu else 0}
     trainable = tune.with_resources(trainable, trial_resources)
+    concurrency = st.max_concurrent_trials
+    if res.num_workers > 1:  # Tune sees only the trial's own CPU, not its Train workers (docs/cluster.md)
+        from study.cluster import ddp_trials_that_fit
+
+        fits = ddp_trials_that_fit(res.num_workers, res.use_gpu, res.cpus_per_worker, ray.cluster_resources())
+        if concurrency > fits:
+            print(f"[study] study.max_concurrent_trials = {concurrency}, but the cluster fits {fits} trials of "
+                  f"{res.num_workers} workers at once: running {fits} at a time", flush=True)
+            concurrency = fits
     tune_dir = folder.child("tune")
+    _no_retry_on_input_errors()
+    INPUT_ERRORS.clear()
+    WRITE_ERRORS.clear()
     try:
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
@@ -409,7 +507,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                 tune_config=tune.TuneConfig(search_alg=build_searcher(space, study_dir, name,
                                                                       storage_url=storage_url),
                                             scheduler=build_scheduler(space), num_samples=st.num_samples,
-                                            max_concurrent_trials=st.max_concurrent_trials,
+                                            max_concurrent_trials=concurrency,
                                             reuse_actors=REUSE_ACTORS and (res.num_workers == 1 or reuse_supported())),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=folder.location,
@@ -421,13 +519,22 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
                                                             checkpoint_score_attribute=st.objective,
                                                             checkpoint_score_order=st.mode),
                     callbacks=[StudyCallback(folder.location, space, str(store.path), optuna_copy)],
+                    stop=DoomedStudyStopper(st.num_samples),
                     verbose=0,
                 ),
             )
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except Exception as exc:
+            if not WRITE_ERRORS and not isinstance(exc, OSError):
+                raise
+            reason = WRITE_ERRORS[0] if WRITE_ERRORS else f"{exc.strerror or exc}: {exc.filename}"
+            raise StudyFailed(_unwritable(folder, reason)) from None
     finally:
-        if info.started_here:
-            ray.shutdown()
+        if info.connected_here:  # also a joined cluster: disconnecting stops the forwarded worker logs, so
+            ray.shutdown()       # that nothing is printed after the study's last line
+    if WRITE_ERRORS:
+        raise StudyFailed(_unwritable(folder, WRITE_ERRORS[0]))
     if optuna_copy:
         from study.cluster import copy_sqlite
 
@@ -442,12 +549,119 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         print(f"[study] Pareto set ({', '.join(st.objectives)}): {len(front)} trial(s) in "
               f"{folder.child('pareto.csv')}", flush=True)
     errors = [r for r in results if r.error is not None]
+    for r in errors:
+        print(f"[study] failed trial in {r.path}: {_cause(r.error)}", file=sys.stderr, flush=True)
+    if not _has_results(study_dir / "results.parquet"):
+        causes = list(dict.fromkeys(_cause(r.error) for r in errors))
+        cause = causes[0] if causes else "no trial reported an evaluation"
+        more = f" (+{len(causes) - 1} other cause(s) above)" if len(causes) > 1 else ""
+        raise StudyFailed(f"study {name}: no trial produced a result ({len(errors)} of {len(results)} trial(s) "
+                          f"failed); cause: {cause}{more}")
     print(f"[study] done: {folder.child('results.parquet')}; {len(errors)} trial(s) failed", flush=True)
-    if errors:
-        for r in errors:
-            print(f"[study] failed trial in {r.path}: {str(r.error).splitlines()[0] if str(r.error) else r.error}",
-                  file=sys.stderr, flush=True)
     return study_dir
+
+
+def _unwritable(folder: StudyFolder, reason: str) -> str:
+    return (f"study folder {folder.location} became unwritable ({reason}): the study was stopped; the rows written "
+            "before are in results.parquet; make the folder writable and continue with --resume")
+
+
+class StudyFailed(RuntimeError):
+    """No trial of the study produced a result; ``str()`` is the one-line cause."""
+
+
+#: OSErrors met writing the study folder from the driver callback (driver-process registry)
+WRITE_ERRORS: list[str] = []
+
+#: Tune trial id -> one-line cause of the deterministic error it failed with (driver-process registry,
+#: filled by the patched ``Trial.handle_error``, read by :class:`DoomedStudyStopper`)
+INPUT_ERRORS: dict[str, str] = {}
+
+
+def _cause(error: BaseException | None) -> str:
+    """One line saying why a trial failed: the deterministic cause when there is one, else the last
+    line of Ray's error text (the exception raised in the trial)."""
+    from study.trial import input_error_of, one_line
+
+    cause = input_error_of(error)
+    if cause is not None:
+        return one_line(cause)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _has_results(path: Path) -> bool:
+    if not path.exists():
+        return False
+    import pandas as pd
+
+    try:
+        return len(pd.read_parquet(path)) > 0
+    except Exception:  # noqa: BLE001 - an unreadable table holds no usable result
+        return False
+
+
+def _no_retry_on_input_errors() -> None:
+    """Make Tune not retry a trial that failed with a deterministic error (``study.trial.TrialInputError``):
+    its ``max_failures`` becomes 0 as its error is recorded, before Tune decides on recovery (Ray 2.60 has no
+    per-error retry setting). Other failures (a killed worker or trial process) are retried as configured.
+    Idempotent; driver process only."""
+    from ray.tune.experiment.trial import Trial
+
+    from study.trial import input_error_of, one_line
+
+    if getattr(Trial.handle_error, "_brainage_no_retry", False):
+        return
+    original = Trial.handle_error
+
+    def handle_error(self: Any, exc: BaseException | None = None) -> None:
+        original(self, exc)
+        cause = input_error_of(exc)
+        if cause is not None:
+            self.max_failures = 0
+            INPUT_ERRORS[self.trial_id] = one_line(cause)
+
+    handle_error._brainage_no_retry = True  # type: ignore[attr-defined]
+    Trial.handle_error = handle_error
+
+
+def _make_stopper_class() -> type:
+    from ray.tune import Stopper
+
+    class DoomedStudyStopperImpl(Stopper):
+        """Stops the whole study when it is doomed: no trial has reported a result and the same
+        deterministic error ended 2 trials (or every trial of a 1-trial study), so that it does not
+        depend on the sampled parameters."""
+
+        def __init__(self, num_samples: int):
+            self.needed = min(2, max(1, int(num_samples)))
+            self.reported = False
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            if "epoch" in result:
+                self.reported = True
+            return False
+
+        def stop_all(self) -> bool:
+            if WRITE_ERRORS:
+                return True
+            if self.reported or not INPUT_ERRORS:
+                return False
+            counts: dict[str, int] = {}
+            for cause in INPUT_ERRORS.values():
+                counts[cause] = counts.get(cause, 0) + 1
+            if max(counts.values()) >= self.needed:
+                print(f"[study] stopping: {max(counts.values())} trial(s) failed with the same error before any "
+                      "result; the study cannot succeed", file=sys.stderr, flush=True)
+                return True
+            return False
+
+    return DoomedStudyStopperImpl
+
+
+def DoomedStudyStopper(num_samples: int):  # noqa: N802 - a class factory (Ray imported lazily)
+    """The study's Tune ``Stopper`` (see ``_make_stopper_class``)."""
+    return _make_stopper_class()(num_samples)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -483,6 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrainageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StudyFailed as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

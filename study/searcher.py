@@ -10,8 +10,9 @@ What Optuna records (``<study>/optuna.db``, sqlite RDB storage, study name = the
 - a trial that errored without reporting: FAIL.
 
 How the pruned ones are recognised: :class:`RecordingASHA` notes every trial it stops before
-``max_t`` in :data:`EARLY_STOPPED` (both live in the driver process; Tune calls the scheduler before
-the searcher), and :class:`StudyOptunaSearch` tells Optuna PRUNED for those. Intermediate values use
+``max_t`` in :data:`study.compat.EARLY_STOPPED` (both live in the driver process; Tune calls the
+scheduler before the searcher), and :class:`StudyOptunaSearch` tells Optuna PRUNED for those. Both
+reach ASHA's and OptunaSearch's private state through :mod:`study.compat` only. Intermediate values use
 the ``epoch`` metric as the step, not Tune's ``training_iteration`` (which restarts at 1 when a trial
 is resumed).
 """
@@ -25,21 +26,19 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from study import compat
+from study.compat import EARLY_STOPPED
 from study.space import SearchSpace
 
 __all__ = ["EARLY_STOPPED", "RecordingASHA", "StudyOptunaSearch", "build_searcher", "build_scheduler",
            "optuna_storage_url"]
-
-#: Tune trial ids stopped by ASHA before max_t (driver-process registry)
-EARLY_STOPPED: set[str] = set()
-
 
 class RecordingASHA(ASHAScheduler):
     """ASHA on the reported ``epoch`` that remembers which trials it stopped early."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+        if decision == TrialScheduler.STOP and result.get(compat.asha_time_attr(self), 0) < compat.asha_max_t(self):
             EARLY_STOPPED.add(trial.trial_id)
         return decision
 
@@ -54,20 +53,36 @@ class StudyOptunaSearch(OptunaSearch):
         # Optuna keeps no intermediate values for multi-objective studies (ASHA prunes on its own scalar)
         if isinstance(self.metric, list):
             return
-        if not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        trials = compat.optuna_trials(self)
+        if not result or trial_id in compat.optuna_completed(self) or trial_id not in trials:
             return
         value, epoch = result.get(self.metric), result.get("epoch")
         if value is None or epoch is None:
             return
-        ot_trial = self._ot_trials[trial_id]
-        if int(epoch) not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+        ot_trial = trials[trial_id]
+        # The steps already stored are read from the storage once per trial and driver (a resumed trial's
+        # earlier epochs), then tracked here: reading the trial back at every result was a tenth of a
+        # 200-trial study's driver time (bench/cluster_sim.py).
+        known = self.__dict__.setdefault("_stored_steps", {})
+        steps = known.get(trial_id)
+        if steps is None:
+            steps = known[trial_id] = set(compat.optuna_intermediate_values(ot_trial))
+        if int(epoch) not in steps:
             ot_trial.report(float(value), int(epoch))
+            steps.add(int(epoch))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in EARLY_STOPPED and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+        try:
+            self._on_trial_complete(trial_id, result, error)
+        finally:
+            self.__dict__.get("_stored_steps", {}).pop(trial_id, None)
+
+    def _on_trial_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
+        trials, completed = compat.optuna_trials(self), compat.optuna_completed(self)
+        if trial_id in EARLY_STOPPED and trial_id in trials and trial_id not in completed:
             self._report_intermediate(trial_id, result)
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+            compat.optuna_study(self).tell(trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            completed.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -77,10 +92,11 @@ class StudyOptunaSearch(OptunaSearch):
         driver that Tune never recorded (asked for after Tune's last experiment save): they will never
         be told otherwise, and a RUNNING trial misleads the dashboard and the sampler."""
         super().restore(checkpoint_path)
-        known = {t.number for t in self._ot_trials.values()}
-        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        known = {t.number for t in compat.optuna_trials(self).values()}
+        study = compat.optuna_study(self)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if t.number not in known:
-                self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
 def optuna_storage_url(study_dir: str | Path) -> str:

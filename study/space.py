@@ -66,6 +66,7 @@ from typing import Any
 
 from brainage_core import config as cfgmod
 from brainage_core.errors import ConfigError
+from brainage_core.metrics import ERROR_METRICS, VALIDATION_METRICS
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -82,9 +83,8 @@ __all__ = [
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
-# What the trials report (brainage_core.evaluation.Evaluator); the objective must be one of these.
-VALIDATION_METRICS = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext", "val_bacc", "val_lc")
-_LOWER_IS_BETTER = ("val_mae_int", "val_mae_ext", "val_rmse_int", "val_rmse_ext", "val_lc")
+# What the trials report and a study may select on (brainage_core.metrics): the objective is one of
+# VALIDATION_METRICS; maximising an error metric is refused.
 
 
 @dataclass(frozen=True)
@@ -508,7 +508,7 @@ def _parse_study(
     else:
         objective = _validation_metric(d, "objective", "val_mae_ext", where)
         mode = _choice(d, "mode", "min", ("min", "max"), where)
-        if objective in _LOWER_IS_BETTER and mode != "min":
+        if objective in ERROR_METRICS and mode != "min":
             raise ConfigError(f"{where}.mode = 'max': {objective} is an error (lower is better): expected min")
         objectives, modes = (objective,), (mode,)
     if config.training.train_on != "train_minus_val":
@@ -603,7 +603,7 @@ def _parse_objectives(d: Mapping[str, Any], where: str) -> tuple[tuple[str, ...]
                           f"({len(names)})")
     modes = tuple(_choice({"modes": m}, "modes", "min", ("min", "max"), where) for m in modes_raw)
     for name, mode in zip(names, modes):
-        if name in _LOWER_IS_BETTER and mode != "min":
+        if name in ERROR_METRICS and mode != "min":
             raise ConfigError(f"{where}.modes: {name} is an error (lower is better): expected min")
     return names, modes
 

@@ -21,8 +21,13 @@ in Ray 2.60 (``bench/study_overhead.py``):
   the trainer has no datasets; it imports Ray Data (~1 CPU-second). :class:`LeanTorchTrainer` leaves
   that callback out when ``datasets`` is empty.
 
-Both rely on interfaces Ray marks as developer or internal APIs (``WorkerGroupCallback``, the trainer's
-default callbacks, the Tune session's stop event); :func:`reuse_supported` checks that they are there
+A third: a worker error that is deterministic (a configuration or data error, a non-finite loss:
+``study.trial.input_error_of``) does not restart the worker group ``max_failures`` times; the
+failure policy of :class:`LeanTorchTrainer` raises it at once (worker deaths are still retried).
+
+All rely on interfaces Ray marks as developer or internal APIs (``WorkerGroupCallback``, the trainer's
+default callbacks and controller start, Train's failure policy, the Tune session's stop event), reached
+through :mod:`study.compat` only; :func:`reuse_supported` checks that they are there
 (Ray is pinned to 2.60.0) and the runner falls back to a new process per DDP trial and Ray's plain
 ``TorchTrainer`` when they are not, or when ``BRAINAGE_DDP_REUSE=0`` is set (an escape hatch, and the
 "before" of ``bench/study_overhead.py``).
@@ -39,6 +44,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from study import compat
+
 __all__ = ["REUSE_ENV", "AbortOnStopFlag", "LeanTorchTrainer", "TuneReportUntilStopped", "fit_until_stopped",
            "reuse_supported", "stop_flag_path"]
 
@@ -53,26 +60,17 @@ STOP_POLL_S = 0.1
 ABORT_WAIT_S = 1.5
 
 
-def _tune_session() -> Any:
-    from ray.train._internal.session import get_session
-
-    return get_session()
-
-
 def reuse_supported() -> bool:
     """Whether this Ray has what a reusable DDP trial needs and ``BRAINAGE_DDP_REUSE`` is not "0"."""
     if os.environ.get(REUSE_ENV, "1").strip() == "0":
         return False
     try:
-        from ray.train._internal.session import _TrainSession
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: F401
-        from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # noqa: F401
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
         from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback  # noqa: F401 - presence
     except ImportError:
         return False
-    return (hasattr(DataParallelTrainer, "_create_default_callbacks") and hasattr(_TrainSession, "reset")
-            and hasattr(TuneReportCallback, "after_report"))
+    train_run_symbols = [s.name for s in compat.PRIVATE_SYMBOLS if s.used_by == "study/train_run.py"]
+    gone = compat.missing()
+    return hasattr(TuneReportCallback, "after_report") and not any(name in gone for name in train_run_symbols)
 
 
 def stop_flag_path(trial_id: str) -> Path:
@@ -84,9 +82,7 @@ def stop_flag_path(trial_id: str) -> Path:
 
 @functools.cache  # one class per process (the trial process runs many trials)
 def _make_abort_callback_class() -> type:
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-
-    class AbortOnStopFlagImpl(WorkerGroupCallback):
+    class AbortOnStopFlagImpl(compat.worker_group_callback_class()):
         """In the Train controller: abort the run once ``flag`` exists (checked at each status poll,
         ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``)."""
 
@@ -137,7 +133,7 @@ def _make_reporter_class() -> type:
                     _abort_this_controller(self.flag)
                     return
                 try:
-                    self._training_actor_item_queue.put(item, timeout=STOP_POLL_S)
+                    compat.report_queue(self).put(item, timeout=STOP_POLL_S)
                     return
                 except Full:
                     continue
@@ -159,18 +155,50 @@ def AbortOnStopFlag(flag: str | Path) -> Any:  # noqa: N802 - a class factory (R
 @functools.cache  # one class per process (the trial process runs many trials)
 def _make_lean_trainer_class() -> type:
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
-    class LeanTorchTrainerImpl(TorchTrainer):
-        """``TorchTrainer`` without the dataset-manager actor when it has no datasets."""
+    datasets_callback = compat.datasets_callback_class()
+    method = compat.default_callbacks_method()
+    inherited = getattr(TorchTrainer, method)
+    start_method = compat.controller_start_method()
+    inherited_start = getattr(TorchTrainer, start_method)
 
-        def _create_default_callbacks(self) -> list:
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+    def start_controller(self: Any, **kwargs: Any) -> Any:
+        if "failure_policy" in kwargs:
+            kwargs["failure_policy"] = _make_failure_policy_class()(self.run_config.failure_config)
+        return inherited_start(self, **kwargs)
 
-    return LeanTorchTrainerImpl
+    def default_callbacks(self: Any) -> list:
+        callbacks = inherited(self)
+        if self.datasets:
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, datasets_callback)]
+
+    return type("LeanTorchTrainerImpl", (TorchTrainer,), {
+        method: default_callbacks,
+        start_method: start_controller,
+        "__doc__": "``TorchTrainer`` without the dataset-manager actor when it has no datasets, whose failure "
+                   "policy does not retry deterministic worker errors.",
+    })
+
+
+@functools.cache
+def _make_failure_policy_class() -> type:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    DefaultFailurePolicy, FailureDecision = compat.failure_policy_classes()  # noqa: N806 - classes
+
+    class NoRetryOnInputErrorImpl(DefaultFailurePolicy):
+        """Train's default policy, except that a worker group failing with a configuration / data error or a
+        non-finite loss on any rank is not restarted (it would fail the same way)."""
+
+        def make_decision(self, training_failed_error: Any) -> Any:
+            from study.trial import input_error_of
+
+            if isinstance(training_failed_error, WorkerGroupError) and input_error_of(training_failed_error):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return NoRetryOnInputErrorImpl
 
 
 def LeanTorchTrainer(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
@@ -196,7 +224,7 @@ def fit_until_stopped(trainer: Any, flag: Path) -> Any:
 
     runner = threading.Thread(target=target, name="train-fit", daemon=True)
     runner.start()
-    session = _tune_session()
+    session = compat.tune_session()
     stop_event = getattr(session, "stop_event", None)
     try:
         while runner.is_alive():

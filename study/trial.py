@@ -20,28 +20,45 @@ its last metrics re-reported by ``train`` (nothing left to train), without copyi
 again (``checkpoint_path`` names the stored one). Checkpoint retention: ``checkpoints_to_keep`` best by
 the objective (Train's / Tune's ``CheckpointConfig``; the latest is always kept as well).
 
+Configuration and data errors (``BrainageError``) and a diverging run (``NonFiniteLossError``) are
+deterministic: a trial that raises one fails once with :class:`TrialInputError` (one line: the cause),
+which the driver does not retry (``study.run``), and a DDP trial's Train run does not restart its
+workers for it (``study.train_run``). :func:`input_error_of` finds such a cause in any wrapper Ray puts
+around it.
+
 Study folders on object stores (``study_dir`` a URI, :mod:`study.storage`): Tune's and Train's storage
 paths are URIs (Ray writes checkpoints through pyarrow), a restored checkpoint is downloaded
 (``Checkpoint.to_directory``), ``train`` writes into a node-local work folder and the trial uploads its
 metrics.jsonl / train_log.jsonl to ``<study>/trials/<id>/`` at every report; reported checkpoint paths
 are URIs (:func:`checkpoint_location`).
+
+Test hook (never set it in real runs): ``BRAINAGE_TEST_TRAIN_FN=module:function`` makes every trial and
+Train worker call that function instead of ``brainage_core.training.train`` (same signature and
+callback contract; :func:`training_function`). ``bench/cluster_sim.py`` injects its stand-in this way:
+a realistic learning curve at a realistic pace, no model, through the runner's unchanged code path. A
+function with a ``torch_backend`` attribute names the process-group backend its DDP trials need (the
+stand-in's is gloo: it runs on fake GPUs, where NCCL cannot start).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study import compat
 from study.space import SearchSpace
 from study.storage import StudyFolder, is_uri, join_location
 
-__all__ = ["TrialSpec", "run_trial", "train_worker", "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID",
-           "checkpoint_location", "local_checkpoint_dir", "fetch_logs", "publish_logs"]
+__all__ = ["TrialInputError", "input_error_of", "one_line", "TrialSpec", "run_trial", "train_worker",
+           "trial_config_dict", "EXTRA_OVERRIDES", "NODE_ID", "checkpoint_location",
+           "local_checkpoint_dir", "fetch_logs", "publish_logs", "training_function", "TRAIN_FN_ENV"]
 
 CHECKPOINT_PATH = "checkpoint_path"
 #: reported with every evaluation: the Ray node that ran the trial's training (rank 0 under DDP)
@@ -49,6 +66,66 @@ NODE_ID = "node_id"
 #: key of a trial config holding {dotted key: value} set after the sampled parameters (study/final.py:
 #: training.seed, training.train_on); Optuna never sees it
 EXTRA_OVERRIDES = "_overrides"
+#: test hook: "module:function" called instead of brainage_core.training.train (module docstring)
+TRAIN_FN_ENV = "BRAINAGE_TEST_TRAIN_FN"
+
+
+def training_function() -> Callable[..., Any]:
+    """The function trials train with: ``brainage_core.training.train``, or the one the test hook
+    :data:`TRAIN_FN_ENV` names. A bad hook value raises ConfigError naming the variable and value."""
+    from brainage_core.errors import ConfigError
+
+    target = os.environ.get(TRAIN_FN_ENV, "").strip() or "brainage_core.training:train"
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{TRAIN_FN_ENV}={target!r}: cannot load it ({exc}): expected module:function, "
+                          f"importable on every node") from exc
+    if not callable(fn):
+        raise ConfigError(f"{TRAIN_FN_ENV}={target!r}: not a function: expected module:function")
+    return fn
+
+
+class TrialInputError(RuntimeError):
+    """A trial failed for a deterministic reason (bad configuration or data, a non-finite loss): retrying
+    it would fail the same way. ``str()`` is the one-line cause, ``ClassName: message``."""
+
+
+def input_error_of(exc: BaseException | None) -> BaseException | None:
+    """The configuration / data / non-finite-loss error behind ``exc``, or None.
+
+    Looks through what Ray wraps a user error in: ``RayTaskError.cause``, Train's
+    ``UserExceptionWithTraceback`` (``_base_exc``), ``WorkerGroupError.worker_failures`` (any rank) and
+    the ``__cause__`` / ``__context__`` chain."""
+    from brainage_core.errors import BrainageError, NonFiniteLossError
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        inner = getattr(current, "cause", None)  # a RayTaskError (its class may derive from the cause's)
+        if isinstance(inner, BaseException) and inner is not current:
+            todo.insert(0, inner)
+            continue
+        if isinstance(current, TrialInputError | BrainageError | NonFiniteLossError):
+            return current
+        todo += [getattr(current, "_base_exc", None), current.__cause__, current.__context__]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += [failures[k] for k in sorted(failures)]
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """``ClassName: message`` on one line (a TrialInputError: its message as is)."""
+    if isinstance(exc, TrialInputError):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"
 
 
 @dataclass(frozen=True)
@@ -148,10 +225,16 @@ def run_trial(sampled: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config_dict(spec, sampled)
-    if spec.space.study.resources.num_workers > 1:
-        _run_torch_trainer(config, spec, trial_id)
-    else:
-        _run_in_trial(config, spec, trial_id)
+    try:
+        if spec.space.study.resources.num_workers > 1:
+            _run_torch_trainer(config, spec, trial_id)
+        else:
+            _run_in_trial(config, spec, trial_id)
+    except Exception as exc:
+        cause = input_error_of(exc)
+        if cause is None:
+            raise
+        raise TrialInputError(one_line(cause)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,8 +246,7 @@ def _run_in_trial(config: dict[str, Any], spec: TrialSpec, trial_id: str) -> Non
     import ray.tune
     from ray.tune import Checkpoint
 
-    from brainage_core.training import train
-
+    train = training_function()
     restored = ray.tune.get_checkpoint()
     resume_from = local_checkpoint_dir(restored) if restored is not None else None
     work_dir, logs_at = spec.work_dir(trial_id), spec.logs_location(trial_id)
@@ -231,7 +313,8 @@ def _run_torch_trainer(config: dict[str, Any], spec: TrialSpec, trial_id: str) -
                            "num_workers": res.num_workers, "logs_location": spec.logs_location(trial_id)},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=getattr(training_function(), "torch_backend", None)
+                                 or ("nccl" if res.use_gpu else "gloo")),
         run_config=RunConfig(
             name=f"trial_{trial_id}",
             storage_path=spec.train_storage,
@@ -256,8 +339,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from brainage_core.training import train
-
+    train = training_function()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     restored = ray.train.get_checkpoint()
@@ -281,12 +363,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(payload)
 
     logging.getLogger("brainage_core").setLevel(logging.WARNING)
-    try:  # Train V2 logs every report's full metrics at INFO under a logger named by its file path
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - another Ray version
-        pass
+    report_logger = compat.train_report_logger_name()  # Train V2 logs every report's metrics at INFO
+    if report_logger is not None:
+        logging.getLogger(report_logger).setLevel(logging.WARNING)
     train(loop_config["config"], loop_config["out_dir"], callback=callback, rank=rank, world_size=world_size,
           device=loop_config["device"], resume_from=resume_from)
     if rank == 0:

@@ -10,6 +10,7 @@ full-grid synthetic subjects (one row of the kit's width is 14.6 MB: keep them f
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -18,16 +19,39 @@ import yaml
 from brainage_core.data.prepare import prepare
 from brainage_core.data.synthetic import generate_cohort
 
+#: folder whose ``sitecustomize.py`` installs the test fault hooks (``fault_site/fault_hooks.py``) in a process
+FAULT_SITE = Path(__file__).resolve().parent / "fault_site"
+
+
+def fault_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :data:`FAULT_SITE` first on ``PYTHONPATH``: a process started with it honours the
+    ``BRAINAGE_FAULT_*`` variables of ``fault_hooks``."""
+    rest = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": os.pathsep.join([str(FAULT_SITE), *([rest] if rest else [])])}
+
 
 def start_test_ray() -> str:
     """Start the local Ray that a test module's studies join (RAY_ADDRESS); returns its GCS address.
 
-    4 logical CPUs on 2 cores (a DDP trial holds 1 + 2 workers), dashboard on (Ray 2.60 left stopped trials'
-    CPUs reserved without it), a small object store. The caller shuts it down (``ray.shutdown()``)."""
+    Started like a study's local Ray (``study.ray_runtime.local_ray_init``: loopback only, Train state
+    tracking on). 4 logical CPUs on 2 cores (a DDP trial holds 1 + 2 workers), dashboard on (Ray 2.60 left
+    stopped trials' CPUs reserved without it), a small object store. Its processes start with
+    :data:`FAULT_SITE` on their path, so trials honour a study's ``BRAINAGE_FAULT_*`` variables. The caller
+    shuts it down (``ray.shutdown()``)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 2**20,
-             logging_level=logging.WARNING)
+    from study.ray_runtime import local_ray_init
+
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = fault_env(dict(os.environ))["PYTHONPATH"]
+    try:  # the raylet and every worker it starts inherit this environment
+        local_ray_init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                       object_store_memory=200 * 2**20, logging_level=logging.WARNING)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     return ray.get_runtime_context().gcs_address
 
 

@@ -202,6 +202,7 @@ def _images(html: str) -> int:
     return len(re.findall(r'<img[^>]+src="data:image/png;base64,', html))
 
 
+@pytest.mark.slow
 def test_report_html(tmp_path):
     """Two studies, one with a leaked trial, one seed per configuration: every section and figure."""
     a = write_study(tmp_path / "yaware_study", trials=4, leaked_trials=(2,))
@@ -227,6 +228,7 @@ def test_report_html(tmp_path):
     assert not re.search(r'<script[^>]*src="https?://', html)  # self-contained
 
 
+@pytest.mark.slow
 def test_report_and_export_on_real_smoke_study(tmp_path):
     """The runner's smoke study (Ray Tune, 2 trials, in-trial training), then the report and the export on it."""
     env = dict(os.environ, PYTHONPATH=str(REPO), BRAINAGE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")

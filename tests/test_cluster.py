@@ -30,6 +30,9 @@ from study import cluster
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
+# starts Ray or runs study commands in subprocesses (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 # --------------------------------------------------------------------------------------------------
 # Without Ray
@@ -110,13 +113,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
     from ray.cluster_utils import Cluster
+
+    from study.compat import enable_token_auth
 
     saved = os.environ.get("RAY_AUTH_MODE")
     # Token authentication on, as a real cluster should run: sets RAY_AUTH_MODE=token for this process
     # (and the study processes it starts) and refreshes Ray's cached config, which read the mode at import.
-    _enable_token_auth()
+    enable_token_auth()
     dashboard_port = free_port()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "redis_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",

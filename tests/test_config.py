@@ -23,7 +23,7 @@ from brainage_core.config import (
     field_type,
     load_config,
 )
-from brainage_core.errors import ConfigError
+from brainage_core.errors import ConfigError, LossError
 
 
 def write_yaml(tmp_path, d, name="exp.yaml"):
@@ -294,3 +294,40 @@ def test_build_kwargs_are_accepted_by_build_loss(method):
 
     cfg = config_from_dict({"loss": {"method": method}})
     build_loss(cfg.loss.method, **cfg.loss.build_kwargs())
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_the_loss_registry_decides_what_config_and_build_loss_accept(method):
+    """Each parameter the registry says a method does not take is refused by build_loss, and every one it
+    takes is passed on by the config: the registry is the one place those rules live."""
+    from brainage_core.loss_registry import METHODS
+    from brainage_core.losses import build_loss
+
+    info = METHODS[method]
+    given = config_from_dict({"loss": {"method": method}}).loss.build_kwargs()
+    assert tuple(given) == info.parameters
+    kernel = {"kernel": "rbf"} if info.kernel else {}
+    foreign = {"kernel": "rbf", "form": "paper"}
+    for name, value in foreign.items():
+        if name not in info.parameters:
+            with pytest.raises(LossError, match=name):
+                build_loss(method, **{**kernel, name: value})
+            with pytest.raises(ConfigError, match=f"loss.{name}"):
+                config_from_dict({"loss": {"method": method, name: value}})
+    if info.kernel:
+        with pytest.raises(LossError, match="kernel"):
+            build_loss(method, kernel=None)
+    if "threshold_margin" not in info.parameters:
+        with pytest.raises(LossError, match="threshold_margin"):
+            build_loss(method, threshold_margin=1.0, **kernel)
+
+
+def test_config_differences_names_every_changed_leaf():
+    from brainage_core.config import config_differences
+
+    a = {"loss": {"method": "yaware", "sigma": 1.0}, "training": {"epochs": 3}, "gone": 1}
+    b = {"loss": {"method": "expw", "sigma": 1.0 + 1e-12}, "training": {"epochs": 3}, "new": {"x": 2}}
+    assert config_differences(a, b) == [("gone", 1, None), ("loss.method", "yaware", "expw"),
+                                        ("loss.sigma", 1.0, 1.0 + 1e-12), ("new", None, {"x": 2})]
+    assert [k for k, _, _ in config_differences(a, b, close_floats=True)] == ["gone", "loss.method", "new"]
+    assert config_differences(a, a) == []

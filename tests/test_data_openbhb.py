@@ -269,11 +269,12 @@ def test_bad_options_are_config_errors(tmp_path):
         prepare(tmp_path / "src" / "train", layout="openbhb", out=tmp_path / "s")
 
 
-def test_killed_mid_write_is_detected_and_redone(tmp_path, monkeypatch):
+def test_killed_mid_write_keeps_the_old_store_intact(tmp_path, monkeypatch):
     table, volumes = write_cohort(tmp_path / "src")
     out = tmp_path / "store"
-    prepare(tmp_path / "src", layout="openbhb", out=out, progress=False)  # an older complete store
-    np.save(subject_file(tmp_path / "src", "1000", "train"), volumes["1000"][None])  # source changed
+    old = prepare(tmp_path / "src", layout="openbhb", out=out, progress=False)  # an older complete store
+    old_train = np.array(old.array("train"))
+    np.save(subject_file(tmp_path / "src", "1000", "train"), volumes["1000"][None] * 0.5)  # source changed
     calls = {"n": 0}
     real_append = StoreWriter.append
 
@@ -286,28 +287,30 @@ def test_killed_mid_write_is_detected_and_redone(tmp_path, monkeypatch):
     monkeypatch.setattr(StoreWriter, "append", dying_append)
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path / "src", layout="openbhb", out=out, progress=False)
-    assert not (out / MANIFEST).exists()  # the old store no longer looks complete
-    with pytest.raises(StoreError, match="incomplete store"):
-        open_store(out)
+    kept = open_store(out)  # the old store is still there, complete and unchanged
+    assert kept.fingerprint == old.fingerprint
+    np.testing.assert_array_equal(np.array(kept.array("train")), old_train)
+    assert not list(tmp_path.glob(".store.tmp-*"))  # the build folder is gone
     monkeypatch.setattr(StoreWriter, "append", real_append)
+    volumes["1000"] = volumes["1000"] * 0.5
     store = prepare(tmp_path / "src", layout="openbhb", out=out, progress=False)
     assert_store_matches(store, table, volumes, "6mm")
 
 
-def test_leftovers_of_a_killed_process_are_detected_and_redone(tmp_path, caplog):
+def test_leftovers_of_a_killed_process_are_detected_and_redone(tmp_path):
     table, volumes = write_cohort(tmp_path / "src")
     out = tmp_path / "store"
     out.mkdir()
-    # what a SIGKILL between two renames leaves: a renamed split, a temporary split, no manifest
-    (out / "train.npy").write_bytes(b"\x93NUMPY partial")
+    # what a SIGKILL leaves: a build folder beside the store (and, from the former in-place writer,
+    # temporary files inside it)
+    (tmp_path / ".store.tmp-99999").mkdir()
+    (tmp_path / ".store.tmp-99999" / "train.npy").write_bytes(b"\x93NUMPY partial")
     (out / ".tmp-internal_test.npy").write_bytes(b"partial")
     with pytest.raises(StoreError, match="incomplete store"):
         open_store(out)
-    with caplog.at_level("WARNING"):
-        store = prepare(tmp_path / "src", layout="openbhb", out=out, progress=False)
-    assert "incomplete store found" in caplog.text
+    store = prepare(tmp_path / "src", layout="openbhb", out=out, progress=False)
     assert_store_matches(store, table, volumes, "6mm")
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(".tmp-*")) and not list(tmp_path.glob(".store.tmp-*"))
 
 
 def test_manifest_shape_mismatch_is_a_store_error(tmp_path):

@@ -388,3 +388,46 @@ def test_extract_features_of_a_real_model():
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-4)  # L2-normalised projection
     again = extract_features(model, array, [0, 2, 4], batch_size=3, device="cpu")
     np.testing.assert_allclose(feats[[1, 2, 0]], again, atol=1e-5)
+
+
+class _ConstantProbe:
+    """A probe that predicts one value for every row (a hand-made stand-in for the fitted probes)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def predict(self, X):
+        return np.full(X.shape[0], self.value)
+
+
+def test_constant_baselines_and_chance_on_a_hand_made_table():
+    # fit rows' ages 20, 30, 40, 90 -> median 35
+    fit_ages = np.array([20.0, 30.0, 40.0, 90.0])
+    internal = (np.zeros((4, 2)), np.array([30.0, 50.0, 35.0, 15.0]), np.array([0, 1, 1, 2]))
+    external = (np.zeros((2, 2)), np.array([35.0, 75.0]))
+    m = Evaluator._score("val", _ConstantProbe(40.0), _ConstantProbe(1), internal, external, 3, fit_ages=fit_ages)
+    assert m["val_mae_int_const"] == pytest.approx((5 + 15 + 0 + 20) / 4)
+    assert m["val_mae_ext_const"] == pytest.approx((0 + 40) / 2)
+    assert m["val_mae_int"] == pytest.approx((10 + 10 + 5 + 25) / 4)  # the probe's 40, not the median
+    assert m["val_bacc_chance"] == pytest.approx(1 / 3)  # 3 sites in the scored part, not 1/64
+    # no fit rows (or no part): NaN, never a made-up baseline
+    empty = Evaluator._score("test", None, None, None, None, 64)
+    assert math.isnan(empty["test_mae_int_const"]) and math.isnan(empty["test_bacc_chance"])
+
+
+def test_evaluator_reports_constant_baselines_of_its_own_split():
+    store = make_store(seed=3)
+    cfg = EvaluationConfig(val_internal_frac=0.2, val_external_frac=0.25, batch_size=16)
+    ev = Evaluator(store, cfg)
+    m = ev.evaluate(FlattenModel(), "cpu")
+    table = store.table("train").set_index("row")
+    median = np.median(table.loc[ev.split.train_rows, "age"])
+    ages_int = table.loc[ev.split.val_internal_rows, "age"].to_numpy()
+    ages_ext = table.loc[ev.split.val_external_rows, "age"].to_numpy()
+    assert m["val_mae_int_const"] == pytest.approx(np.abs(ages_int - median).mean())
+    assert m["val_mae_ext_const"] == pytest.approx(np.abs(ages_ext - median).mean())
+    test_median = np.median(table["age"])
+    ages_test = store.table("internal_test")["age"].to_numpy()
+    assert m["test_mae_int_const"] == pytest.approx(np.abs(ages_test - test_median).mean())
+    # age is linearly encoded in these features: the probe beats the constant by far
+    assert m["val_mae_int"] < 0.2 * m["val_mae_int_const"]

@@ -72,9 +72,12 @@ def test_ramp_rows_layout(world):
         volume = full.array(split)[0, 0].astype(np.float32)
         np.testing.assert_array_equal(row[:n_vbm], volume[mask])  # C order of the mask
         assert not row[n_vbm:].any()  # the other modalities are zeros
-    # the table keeps the challenge label as siteXacq and the raw site as site
+    # the kit's problem.py reads `site` as the 64-class challenge label (issue 12, case 5)
     train_table = pd.read_csv(ramp / "train.tsv", sep="\t", dtype=str)
+    assert train_table["site"].tolist() == full.table("train")["site"].tolist()
     assert train_table["siteXacq"].tolist() == full.table("train")["site"].tolist()
+    assert train_table["site_raw"].tolist() == full.table("train")["site_raw"].tolist()
+    assert all(0 <= int(s) < 64 for s in train_table["site"])
 
 
 def test_ramp_rows_refuses_a_coarse_store(world, tmp_path):
@@ -130,6 +133,7 @@ DRIVER = textwrap.dedent(
 ).format(mask=MASK_FILE)
 
 
+@pytest.mark.slow
 def test_workflow_in_fresh_process_gives_the_model_features(world, tmp_path):
     out = tmp_path / "sub"
     proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(world["study"]), "--out", str(out),
@@ -214,6 +218,33 @@ def test_bad_inputs(world, tmp_path):
     assert proc.stderr.count("\n") == 1  # one line, no traceback
 
 
+def test_missing_best_checkpoint_and_existing_out_are_refused(world, tmp_path):
+    """Issue 12, case 4: the second-best trial was exported as rank 1 when the best one's checkpoint was gone,
+    and an existing --out was overwritten without a word."""
+    ranked = rank_checkpoints(world["study"], "val_mae_ext")
+    best, second = ranked["trial_id"].iloc[0], ranked["trial_id"].iloc[1]
+    table = pd.read_parquet(world["study"] / "results.parquet")
+    gone = _copy_study(world["study"], tmp_path / "gone")
+    table.loc[table["trial_id"] == best, "checkpoint_path"] = str(tmp_path / "deleted" / "checkpoint")
+    table.to_parquet(gone / "results.parquet")
+    with pytest.raises(DataError, match=rf"rank 1 by val_mae_ext would be trial {second}, but better trial has "
+                                        rf"no stored checkpoint: trial {best} .*--fallback"):
+        export_submission(gone, tmp_path / "sub", metric="val_mae_ext")
+    assert not (tmp_path / "sub").exists()
+    with pytest.warns(UserWarning, match=rf"--fallback: skipped trial {best} .* exporting trial {second} as rank 1"):
+        out = export_submission(gone, tmp_path / "sub", metric="val_mae_ext", fallback=True)
+    assert pd.read_pickle(out / "metadata.pkl")["trial_id"] == second
+    before = (out / "weights.pth").read_bytes()
+    with pytest.raises(ConfigError, match=r"--out .*sub: already holds .*--force"):
+        export_submission(world["study"], out, metric="val_mae_ext")
+    assert (out / "weights.pth").read_bytes() == before
+    proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(world["study"]), "--out", str(out),
+                           "--metric", "val_mae_ext"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--force" in proc.stderr
+    export_submission(world["study"], out, metric="val_mae_ext", force=True)
+    assert pd.read_pickle(out / "metadata.pkl")["trial_id"] == best
+
+
 @pytest.fixture(scope="module")
 def augmented_study(world):
     """A study of one trial trained with ``training.augment`` z-scoring and crop on (6 mm: 37 -> 32, padded to 32³)."""
@@ -231,6 +262,7 @@ def _evaluator_features(model, volumes: np.ndarray) -> np.ndarray:
     return extract_features(view, volumes, batch_size=4)
 
 
+@pytest.mark.slow
 def test_zscore_crop_model_is_exported_with_its_input_transform(world, augmented_study, tmp_path):
     from brainage_core.evaluation import make_validation_split
 

@@ -24,6 +24,9 @@ from study.final import select_top, t_interval
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
+# starts Ray or runs study commands in subprocesses (make test-fast leaves it out)
+pytestmark = pytest.mark.slow
+
 
 def test_t_interval_matches_scipy():
     values = [3.1, 2.7, 3.6, 2.9]

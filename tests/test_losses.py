@@ -1,4 +1,4 @@
-"""brainage_core.losses against slow loops written from ../shared/docs/losses.md, gradients, stability
+"""brainage_core.losses against slow loops written from docs/losses.md, gradients, stability
 under bf16 autocast, and one clear error per bad input."""
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Distributed equivalence of the contrastive losses (../shared/docs/losses.md, "Distributed data
-parallel"): two gloo processes on CPU, each with half of the batch under DDP and gather_distributed
+"""Distributed equivalence of the contrastive losses (docs/losses.md, "Under
+DDP"): two gloo processes on CPU, each with half of the batch under DDP and gather_distributed
 left at None (on, since the process group is initialised with world size 2), give the parameter
 gradients of one process on the concatenated batch, and the mean of their losses equals its loss."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -81,6 +82,7 @@ def ddp_worker(rank: int, init_file: str, out_file: str) -> None:
     exit_gloo_worker()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "result")), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"result.{r}", weights_only=True) for r in range(WORLD_SIZE)]

@@ -96,6 +96,7 @@ def test_pareto_front_keeps_non_dominated_completed_trials():
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_multi_objective_smoke_study_writes_its_pareto_set(tmp_path):
     d = smoke_dict(objectives=["val_mae_ext", "val_bacc"], searcher="nsga2", num_samples=3,
                    asha={"grace_period": 1, "reduction_factor": 2}, max_concurrent_trials=1)

@@ -50,6 +50,7 @@ def expected_brain_age(submission: Path, cohort: Path, layout: str, out: Path) -
     return pd.concat(parts, ignore_index=True)
 
 
+@pytest.mark.slow
 def test_predict_nifti_cohort_cli(world, tmp_path):
     out = tmp_path / "pred" / "predictions.csv"
     proc = subprocess.run(
@@ -180,6 +181,7 @@ def test_cohort_with_some_ages_missing(world, tmp_path):
         assert row["n"] == len(g) and row["mean_gap"] == pytest.approx(g["brain_age_gap"].mean())
 
 
+@pytest.mark.slow
 def test_cohort_without_an_age_column_cli(world, tmp_path):
     cohort = _cohort_copy(world, tmp_path, lambda t: t.drop(columns="age"))
     out = tmp_path / "pred.csv"
@@ -201,3 +203,19 @@ def test_cohort_without_an_age_column_cli(world, tmp_path):
     merged = pred.merge(ref, on="participant_id")
     np.testing.assert_allclose(merged["brain_age"], merged["expected"], atol=1e-4)
     assert not (tmp_path / "pred_by_age.csv").exists() and not (tmp_path / "pred_by_site.csv").exists()
+
+
+def test_corrupt_weights_are_one_line(world, tmp_path):
+    """Issue 12, case 7: a corrupt weights.pth ended in a torch traceback."""
+    broken = tmp_path / "corrupt"
+    shutil.copytree(world["submission"], broken)
+    weights = broken / "weights.pth"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"weights.pth: unreadable .*expected the weights written by study/export.py"):
+        predict_cohort(broken, world["nifti"], layout="nifti", out=tmp_path / "x.csv")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "study" / "predict.py"), str(broken), str(world["nifti"]),
+         "--layout", "nifti", "--out", str(tmp_path / "y.csv")],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "weights.pth: unreadable" in proc.stderr

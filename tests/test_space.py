@@ -172,3 +172,11 @@ def test_malformed_spaces_give_one_clear_error(tmp_path, changes, message):
 def test_search_block_cannot_be_overridden():
     with pytest.raises(ConfigError, match="search block cannot be overridden"):
         parse_search_space(BASE, source="s.yaml", overrides=["search.loss.temperature=1"])
+
+
+def test_study_and_final_read_the_vocabulary():
+    from brainage_core import metrics
+    from study import final, space
+
+    assert space.VALIDATION_METRICS is metrics.VALIDATION_METRICS
+    assert final.TEST_METRICS is metrics.TEST_METRICS

@@ -3,7 +3,8 @@
 One Ray for the whole module (started here, num_cpus=4 logical, dashboard on); each study is a real
 ``python -m study.run`` process that joins it through RAY_ADDRESS, so that the driver can be killed.
 Faults are deterministic test hooks: BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS (study.run) and
-BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE (brainage_core.training).
+BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE / _SLOW_EPOCH_S (tests/fault_site/fault_hooks.py,
+installed in the test Ray's workers by study_fixtures.start_test_ray).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import pandas as pd
 import pytest
 from study_fixtures import start_test_ray
 
+from study import compat
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss", "val_mae_int", "val_mae_ext",
                     "val_bacc", "test_mae_int", "test_mae_ext", "leaked", "status", "checkpoint_path", "wall_s",
-                    "compute_s", "seed", "store_fingerprint", "git_commit", "versions"}
+                    "compute_s", "seed", "store_fingerprint", "git_commit", "versions", "protocol"}
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,8 @@ def test_smoke_study_with_ddp_trials(ray_address, cache, tmp_path):
     assert EXPECTED_COLUMNS <= set(df.columns), EXPECTED_COLUMNS - set(df.columns)
     assert df["trial_id"].nunique() == 2
     assert sorted(df.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2], [1, 2]]
+    # the fast probes during the trial, the exact protocol for its last evaluation
+    assert df.sort_values("epoch").groupby("trial_id")["protocol"].apply(list).tolist() == [["fast", "exact"]] * 2
     assert (df["status"] == "completed").all()
     assert df["checkpoint_path"].notna().all()
     assert (df["compute_s"] - 2 * df["wall_s"]).abs().max() < 1e-6  # 2 DDP workers
@@ -187,3 +192,58 @@ def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, 
         # aborted: at most the epoch in flight when Tune's decision arrived (and one more on a busy machine)
         trained = max(r["epoch"] for r in log)
         assert trained <= min(reported + 2, epochs - 1), (trial_id, reported, [r["epoch"] for r in log])
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def test_doomed_study_fails_fast_on_a_loopback_ray_with_train_state(ray_address, cache, tmp_path):
+    """Issue 12, cases 6, 10 and 11 with one study: optimizer.lr=1e6 makes every DDP trial diverge. It used to
+    be retried 12 times (Tune x Train), print `done: .../results.parquet` (never written) and exit 0."""
+    import urllib.request
+
+
+    proc = run_study(ray_address, cache, tmp_path, "--name", "doomed", "optimizer.lr=1e6")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, show(proc)
+    assert lines[-1].startswith("error: study doomed: no trial produced a result"), show(proc)
+    assert "NonFiniteLossError: non-finite or degenerate model output" in lines[-1]
+    assert "done:" not in proc.stdout and not (tmp_path / "doomed" / "results.parquet").exists()
+    failures = [f.read_text().count("Failure #") for f in (tmp_path / "doomed" / "tune").glob("*/error.txt")]
+    assert failures and all(n == 1 for n in failures), failures  # not retried by Tune
+    assert "[FailurePolicy] RETRY" not in proc.stdout + proc.stderr  # nor by Train
+
+    # case 10: every listener of this module's Ray (started as a study starts its own) is on loopback
+    ours = _descendants(os.getpid())
+    listeners = [line.split() for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True,
+                                                         check=True).stdout.splitlines()]
+    mine = [f[3] for f in listeners if any(f"pid={p}," in f[-1] for p in ours)]
+    assert mine, "no listener of this Ray found"
+    assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in mine), mine
+
+    # case 11: the Train state API lists the DDP trials' runs with their attempts and workers
+    url = compat.joined_dashboard_url()
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.exists() else "")
+    request = urllib.request.Request(f"http://{url}/api/train/v2/runs/v1",  # Train V2's runs
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    body = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    runs = body["train_runs"]
+    names = {r.get("name") for r in runs}
+    assert any(str(n).startswith("trial_") for n in names), body
+    run = next(r for r in runs if str(r.get("name")).startswith("trial_"))
+    assert run.get("attempts") and run["attempts"][0].get("workers"), run

@@ -46,3 +46,67 @@ def test_bad_override_and_missing_study_for_resume(tmp_path):
     assert proc.returncode == 2 and "loss.temperature" in proc.stderr
     proc = run(["-m", "study.run", smoke, "--resume", "--storage", str(tmp_path / "none")], tmp_path)
     assert proc.returncode == 2 and "no study in" in proc.stderr and "run without --resume" in proc.stderr
+
+
+def test_bad_data_root_writes_no_study_folder(tmp_path):
+    """Issue 12, case 8: a mistyped OPENBHB_ROOT left config.yaml / space.yaml behind, which then blocked both
+    the corrected rerun ("already holds a study") and --resume."""
+    smoke = str(ROOT / "search_spaces" / "smoke.yaml")
+    args = ["-m", "study.run", smoke, "data.synthetic=null", "data.source=${OPENBHB_ROOT}", "data.layout=openbhb",
+            "--storage", str(tmp_path / "studies")]
+    proc = run(args, tmp_path, OPENBHB_ROOT=str(tmp_path / "no-such-root"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "no-such-root" in lines[0]
+    assert not (tmp_path / "studies" / "smoke").exists()
+
+
+def test_unreadable_results_on_resume_is_one_line_before_ray(tmp_path):
+    """Issue 12, case 7: a truncated results.parquet on --resume ended in a traceback after Ray had started."""
+    from study.run import _write_folder, resolved_config
+    from study.space import load_search_space
+    from study.storage import StudyFolder
+
+    smoke = ROOT / "search_spaces" / "smoke.yaml"
+    folder = StudyFolder(str(tmp_path / "studies" / "smoke"))
+    _write_folder(folder, smoke, resolved_config(load_search_space(smoke, []), []))
+    (tmp_path / "studies" / "smoke" / "results.parquet").write_bytes(b"PAR1 truncated")
+    proc = run(["-m", "study.run", str(smoke), "--storage", str(tmp_path / "studies"), "--resume"], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "results.parquet is unreadable" in lines[0] and "move it away" in lines[0]
+    assert "Ray" not in proc.stdout  # stopped before Ray started
+
+
+def test_unwritable_study_folder_mid_run_stops_the_study_without_a_traceback(tmp_path, capsys):
+    """Issue 12, case 7: the study folder turning read-only mid-run printed 672 lines of tracebacks from inside
+    Tune. The driver callback now records the OSError, says it once, and the study's stopper ends the study."""
+    from types import SimpleNamespace
+
+    import study.run as run_module
+    from study.results import ResultsTable
+    from study.space import load_search_space
+
+    space = load_search_space(ROOT / "search_spaces" / "smoke.yaml", [])
+    callback = run_module.StudyCallback(str(tmp_path / "study"), space, str(tmp_path / "store"))
+    table = ResultsTable(tmp_path / "study" / "results.parquet", param_keys=[], static={}, resume=False)
+    table.rows[("t1", 1)] = {"trial_id": "t1", "epoch": 1, "status": "running", "val_mae_ext": 5.0}
+
+    def read_only():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "study" / ".results.parquet.tmp"))
+
+    table.write = read_only
+    callback.table = table
+    stopper = run_module.DoomedStudyStopper(2)
+    run_module.WRITE_ERRORS.clear()
+    try:
+        assert not stopper.stop_all()
+        callback.on_trial_error(0, [], SimpleNamespace(trial_id="t1"))  # no exception escapes into Tune
+        callback.on_checkpoint(0, [], SimpleNamespace(trial_id="t1"), SimpleNamespace(path="/ckpt", filesystem=None))
+        assert stopper.stop_all() and len(run_module.WRITE_ERRORS) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write the study folder (Permission denied" in err[0]
+        message = run_module._unwritable(run_module.StudyFolder(str(tmp_path / "study")), run_module.WRITE_ERRORS[0])
+        assert "became unwritable (Permission denied" in message and "--resume" in message
+    finally:
+        run_module.WRITE_ERRORS.clear()

@@ -37,7 +37,7 @@ BUCKET = "bucket"
 STORAGE = f"s3://{BUCKET}/studies"
 IN_TRIAL = ("study.resources.num_workers=1",)
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from gloo_helpers import exit_gloo_worker
+from study_fixtures import fault_env
 
 from brainage_core.data.prepare import prepare
 from brainage_core.data.synthetic import generate_cohort
@@ -87,6 +88,9 @@ def test_two_epochs_write_metrics_and_checkpoint(store_path, tmp_path):
     for name in CONTRACT_METRICS:
         assert name in records[-1], name
     assert records[-1]["leaked"] is False
+    # evaluation.protocol (fast) during the run, evaluation.final_protocol (exact) for its last evaluation
+    assert [r["protocol"] for r in records] == ["fast", "exact"]
+    assert set(records[0]) == set(records[1])
     assert math.isfinite(records[-1]["train_loss"]) and records[-1]["wall_s"] > 0
     assert metrics == records[-1]
     # callback: rank 0 gets every evaluation with the checkpoint folder
@@ -180,6 +184,15 @@ def test_non_finite_loss_names_epoch_step_and_value(store_path, tmp_path, monkey
         train(make_config(store_path), tmp_path / "run")
 
 
+def test_huge_learning_rate_is_a_non_finite_loss_error(store_path, tmp_path):
+    """Issue 12, case 6: optimizer.lr=1e6 surfaced as a LossError about non-normalised features."""
+    cfg = make_config(store_path, optimizer={"name": "adam", "lr": 1.0e6, "weight_decay": 0.0},
+                      training={"epochs": 3})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite or degenerate model output .* at epoch \d+, step \d+ .*"
+                                                 r"optimizer\.lr=1e\+06"):
+        train(cfg, tmp_path / "run")
+
+
 def test_supervised_l1_sgd_bf16_clip_warmup(store_path, tmp_path):
     cfg = make_config(
         store_path,
@@ -254,6 +267,7 @@ def test_schedules():
         lr_factor(0, name="linear", epochs=1)
 
 
+@pytest.mark.slow
 def test_cli_fault_injection_and_resume(store_path, tmp_path, monkeypatch, capsys):
     """The CLI trains; the test-only fault hook kills it once at epoch 2; --resume finishes the run."""
     import os
@@ -263,7 +277,7 @@ def test_cli_fault_injection_and_resume(store_path, tmp_path, monkeypatch, capsy
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(make_config(store_path, training={"epochs": 1})))
     once = tmp_path / "fired"
-    env = {**os.environ, "BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_ONCE_FILE": str(once)}
+    env = fault_env({**os.environ, "BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_ONCE_FILE": str(once)})
     cmd = [sys.executable, "-m", "brainage_core.training", str(config), "training.epochs=2", "--out",
            str(tmp_path / "out"), "--quiet"]
     killed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -301,6 +315,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out: str, resu
     exit_gloo_worker()
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_on_gloo(store_path, tmp_path):
     import socket
 
@@ -343,3 +358,18 @@ def test_store_with_unknown_ages_is_refused_with_a_clear_error(store_path, tmp_p
     assert str(store) in message and "2 participant(s) without age" in message
     assert all(repr(pid) in message for pid in blank) and "require_age=False" in message
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def test_epoch_start_hooks_are_called_and_removable(store_path, tmp_path):
+    """The library reads no fault variables: callers (the tests) supply epoch-start hooks."""
+    from brainage_core.training import loop
+
+    seen = []
+    remove = loop.add_epoch_start_hook(lambda epoch, rank: seen.append((epoch, rank)))
+    try:
+        train(make_config(store_path, training={"epochs": 2}), tmp_path / "a")
+    finally:
+        remove()
+    assert seen == [(1, 0), (2, 0)]
+    train(make_config(store_path, training={"epochs": 1}), tmp_path / "b")
+    assert seen == [(1, 0), (2, 0)] and loop.EPOCH_START_HOOKS == []

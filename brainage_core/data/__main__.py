@@ -22,7 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m brainage_core.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m brainage_core.data", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name = argv[0]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    cmd_parser = argparse.ArgumentParser(prog=f"python -m brainage_core.data {name}", description=SUBCOMMANDS[name][1])
+    cmd_parser = argparse.ArgumentParser(prog=f"python -m brainage_core.data {name}", description=SUBCOMMANDS[name][1],
+        allow_abbrev=False)
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)

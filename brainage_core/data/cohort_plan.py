@@ -1,8 +1,8 @@
 """The per-site structure of the synthetic cohort: who is scanned where, at what age, in which split.
 
 The real OpenBHB figures (64 ``siteXacq`` sites, per-split counts, age quantiles, share of women,
-field strength, study) ship as package data in ``site_stats.json`` (a copy of
-``../shared/data/openbhb_site_stats.json``; the package never reads the shared folder at run time).
+field strength, study) ship as package data in ``site_stats.json``, measured on the public OpenBHB
+release (``docs/synthetic-cohort.md``, "Who is scanned where").
 
 :func:`plan_cohort` turns them into a *plan*: one row per subject with its participant id, age, sex,
 site and split — everything the participants table holds except the volume figures, which
@@ -24,11 +24,11 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from brainage_core.data.layout import PARTICIPANTS_COLUMNS, VOLUME_COLUMNS
 from brainage_core.errors import ConfigError
 
-#: Split names, in plan order, and the per-subject folder each one lives in (OpenBHB layout).
+#: Split names, in plan order (their folders: brainage_core.data.layout.SPLIT_FOLDERS).
 SPLITS: tuple[str, ...] = ("train", "internal_test", "external_test")
-SPLIT_FOLDERS: dict[str, str] = {"train": "train", "internal_test": "val", "external_test": "val"}
 _COUNT_KEYS: dict[str, str] = {"train": "n_train", "internal_test": "n_internal", "external_test": "n_external"}
 
 #: Real OpenBHB public totals, per split.
@@ -44,19 +44,8 @@ SUBJECT_STREAM = 2
 #: participant_id of plan row i is ``str(ID_OFFSET + i)`` (numeric, no leading zeros).
 ID_OFFSET = 100000
 
-PLAN_COLUMNS: tuple[str, ...] = (
-    "participant_id",
-    "study",
-    "sex",
-    "age",
-    "site",
-    "diagnosis",
-    "magnetic_field_strength",
-    "acquisition_setting",
-    "siteXacq",
-    "split",
-    "index",
-)
+#: the participants.tsv columns but the volume figures, then the plan row index
+PLAN_COLUMNS: tuple[str, ...] = (*(c for c in PARTICIPANTS_COLUMNS if c not in VOLUME_COLUMNS), "index")
 
 _QUANTILE_LEVELS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _QUANTILE_KEYS = ("age_min", "age_q25", "age_median", "age_q75", "age_max")

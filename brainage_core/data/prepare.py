@@ -17,7 +17,17 @@ range). The manifest then records ``"require_age": false`` and training/evaluati
 
 Idempotence: the manifest records a fingerprint of the source (hash of the table(s), each file's
 path, size and mtime, the RAMP mask's hash) and of the options; preparing the same source with the
-same options again is a no-op. A folder without a manifest (an interrupted run) is prepared again.
+same options again is a no-op.
+
+Nothing is lost: the new store is built beside ``out`` and swapped in only once complete
+(``store.StoreWriter``), so the source and an existing store in ``out`` are untouched by a failed or
+interrupted preparation; a store of another source or options is replaced (with a warning naming it)
+only then. ``out`` must be absent, empty or a prepared store: a folder holding anything else (the
+source itself, user files) is refused, as is an ``out`` that contains the source or the mask.
+
+A participants table without a ``site`` (or ``siteXacq``) value for any subject is refused: every
+subject would be site "unknown" and the site probe meaningless. ``allow_missing_site=True``
+(``--allow-missing-site``) accepts it and says so in a warning.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from brainage_core.data.readers import (
     make_reader,
     standardise_volume,
 )
-from brainage_core.data.store import STORE_FORMAT, TMP_PREFIX, Store, StoreWriter, open_store, read_manifest
+from brainage_core.data.store import STORE_FORMAT, Store, StoreWriter, foreign_files, open_store, read_manifest
 from brainage_core.data.tables import SPLITS, Problem, row_problems
 from brainage_core.errors import BrainageError, ConfigError, DataError, StoreError
 from brainage_core.grids import GRID_NAMES
@@ -64,6 +74,32 @@ def _raise_first(problems: list[Problem]) -> None:
     raise DataError(first + more)
 
 
+def _check_out(source: Path, out: Path, mask: str | Path | None) -> None:
+    """StoreError unless ``out`` may receive the store: absent, empty or a store, and not holding the
+    source or the mask (the old folder is deleted once the new store is in place)."""
+    src = source.resolve()
+    src_dir = src if src.is_dir() else src.parent
+    target = out.resolve()
+    if target == src_dir or target in src_dir.parents:
+        raise StoreError(f"--out {out}: is or contains the source {source}; expected a separate folder for the store")
+    if mask is not None and target in Path(mask).resolve().parents:
+        raise StoreError(f"--out {out}: contains the mask {mask}; expected a separate folder for the store")
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"--out {out}: is a file; expected a folder (absent, empty or a prepared store)")
+    if out.is_dir():
+        try:
+            foreign = foreign_files(out)
+        except OSError as exc:
+            raise StoreError(f"--out {out}: unreadable ({exc.strerror}); expected a writable folder") from exc
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" (+{len(foreign) - 4} more)" if len(foreign) > 4 else "")
+            what = "no prepared store (no manifest.json)" if read_manifest(out) is None else "a store plus other files"
+            raise StoreError(
+                f"--out {out}: holds {what}: {shown}; expected an absent or empty folder or a prepared store "
+                "(nothing else is overwritten: choose another --out or move those files)"
+            )
+
+
 def prepare(
     source: str | Path,
     *,
@@ -76,6 +112,7 @@ def prepare(
     resample: bool = False,
     progress: bool = True,
     require_age: bool = True,
+    allow_missing_site: bool = False,
 ) -> Store:
     """Prepare ``source`` (a cohort in ``layout``) into the store folder ``out``; return the Store.
 
@@ -83,9 +120,10 @@ def prepare(
     must then share); finer sources are block-averaged, coarser ones rejected. ``mask``: the RAMP
     layout's GM mask NIfTI. ``resample``: NIfTI layout, resample images on other grids by their
     affine (nilearn) instead of rejecting them. ``require_age``: False accepts a missing age column
-    and empty/NaN ages (stored as NaN; for prediction only). Raises DataError (bad input), ConfigError (bad
-    option) or StoreError; on error no complete-looking store is left behind (an existing store of
-    an earlier source is kept only when nothing was written yet).
+    and empty/NaN ages (stored as NaN; for prediction only). ``allow_missing_site``: accept a table
+    giving no site at all (every subject site "unknown"). Raises DataError (bad input), ConfigError
+    (bad option) or StoreError (``out`` not a store folder, unwritable); on any error ``out`` and the
+    source are as they were (see the module docstring).
     """
     if on_error not in ON_ERROR:
         raise ConfigError(f"on_error: {on_error!r}; expected one of {', '.join(ON_ERROR)}")
@@ -98,6 +136,7 @@ def prepare(
     if modality == "quasiraw" and grid is not None:
         raise ConfigError(f"grid: {grid!r} does not apply to modality 'quasiraw' (its own 1 mm grid); expected none")
     out = Path(out)
+    _check_out(Path(source), out, mask)
     reader = make_reader(
         layout, source, modality=modality, mask=mask, resample=resample, target=grid, require_age=require_age
     )
@@ -118,6 +157,15 @@ def prepare(
 
     # -- table-level validation: nothing is written before it passes -----------------------------
     table = scan.table
+    if len(table) and (table["site"] == "unknown").all() and (table["site_raw"] == "").all():
+        if not allow_missing_site:
+            raise DataError(
+                f"{source}: the participants table gives no site (no 'site' or 'siteXacq' column, or only "
+                "empty cells); expected each subject's site (the site probe needs it), or --allow-missing-site "
+                "to prepare every subject as site 'unknown'"
+            )
+        log.warning("%s: no site in the participants table: every subject is site 'unknown' (the site probe "
+                    "is meaningless for this store)", source)
     files = table["source_path"].copy()
     for i, problem in scan.problems.items():
         if not files.at[i]:
@@ -133,11 +181,8 @@ def prepare(
         manifest = read_manifest(out)  # another process may have finished it while we waited
         if manifest is not None and manifest.get("fingerprint") == fingerprint:
             return open_store(out)
-        if manifest is None and any(
-            p.name.startswith(TMP_PREFIX) or p.suffix in (".npy", ".parquet") for p in out.iterdir()
-        ):
-            log.warning("%s: incomplete store found (interrupted preparation); preparing again", out)
-        writer.clear()
+        _check_out(Path(source), out, mask)  # again under the lock: the folder may have changed meanwhile
+        replaced = manifest
         target = grid
         kept: list[tuple[int, str, int]] = []
         source_grids: set[str] = set()
@@ -198,6 +243,9 @@ def prepare(
             },
             skipped_table,
         )
+    if replaced is not None:
+        log.warning("%s: replaced the store prepared %s from %s (other source or options)", out,
+                    replaced.get("created", "?"), replaced.get("source", "?"))
     if skipped:
         log.warning("%s: %d subject(s) skipped, listed in %s/skipped.tsv", out, len(skipped), out)
     return store
@@ -215,6 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", default=None, help="ramp layout: the CAT12 GM mask NIfTI")
     parser.add_argument("--resample", action="store_true", help="nifti layout: resample other grids by affine")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-missing-site", action="store_true",
+                        help="accept a table without site: every subject becomes site 'unknown' (no site probe)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,9 +281,13 @@ def run(args: argparse.Namespace) -> int:
             mask=args.mask,
             resample=args.resample,
             progress=not args.no_progress,
+            allow_missing_site=args.allow_missing_site,
         )
     except BrainageError as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a read-only --out's parent, a full disk: one line, not a traceback
+        print(f"prepare: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{s} {store.manifest['shapes'][s][0]}" for s in store.splits)
     print(f"{store.path}: grid {store.grid}, {sizes}; skipped {store.manifest.get('skipped', 0)}")

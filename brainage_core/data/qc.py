@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainage_core.data.layout import subject_relpath
 from brainage_core.errors import DataError
 
 
@@ -34,8 +35,6 @@ def choose_subjects(table: pd.DataFrame, count: int = 8) -> pd.DataFrame:
 
 
 def _load_volume(folder: Path, row: pd.Series, fmt: str) -> np.ndarray:
-    from brainage_core.data.synthetic import subject_relpath
-
     path = folder / subject_relpath(row["participant_id"], row["split"], fmt)
     if not path.is_file():
         raise DataError(f"{path}: missing volume of participant {row['participant_id']!r}; expected a file")

@@ -15,8 +15,10 @@ so that an exported ``estimator.py`` can be tried locally exactly as the challen
 
 Rows are written through ``numpy.lib.format.open_memmap`` one subject at a time (never the whole array
 in memory); files are written under temporary names and renamed when complete. The tables keep the
-store's participant columns (``site`` = raw site, ``siteXacq`` = the challenge label), so
-``prepare(DIR, layout="ramp", mask=DIR/<mask>)`` reads them back.
+store's participant columns; ``site`` holds the challenge's 64-class site label (the kit's ``problem.py``
+reads ``site`` as that label, an integer 0-63: a store whose labels are not such integers is refused),
+``siteXacq`` repeats it and ``site_raw`` keeps the source's raw site, so
+``prepare(DIR, layout="ramp", mask=DIR/<mask>)`` reads them back unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainage_core.data.layout import MASK_THRESHOLD
 from brainage_core.data.store import Store, open_store
 from brainage_core.errors import BrainageError, ConfigError, StoreError
 from brainage_core.grids import FULL_AFFINE, FULL_SHAPE
@@ -41,10 +44,11 @@ log = logging.getLogger(__name__)
 RAMP_WIDTH = 3_659_572
 #: VBM values per row in the kit (CAT12 GM TPM > 0.05); this module's stand-in mask has its own count.
 KIT_VBM_VALUES = 519_945
-MASK_THRESHOLD = 0.05
 MASK_FILE = "cat12vbm_space-MNI152_desc-gm_TPM.nii.gz"
 #: RAMP parts and the store splits they hold, in row order.
 PARTS: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("internal_test", "external_test")}
+#: Site classes of the challenge (``problem.py`` one-hot encodes ``site`` over this many).
+KIT_SITE_CLASSES = 64
 
 
 def gm_probability_map() -> np.ndarray:
@@ -85,13 +89,22 @@ def _part_table(store: Store, splits: tuple[str, ...]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
-def _kit_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The kit's tsv columns from store rows: ``site`` is the raw site, ``siteXacq`` the challenge label."""
+def _kit_table(table: pd.DataFrame, where: str | Path = "store") -> pd.DataFrame:
+    """The kit's tsv columns from store rows: ``site`` and ``siteXacq`` are the challenge label (the
+    store's ``site``), ``site_raw`` the raw site. StoreError naming the participant when a label is not
+    an integer in [0, :data:`KIT_SITE_CLASSES`)."""
     out = table.drop(columns=[c for c in ("row", "source_path") if c in table.columns]).copy()
-    out["siteXacq"] = table["site"].astype(str)
-    out["site"] = table["site_raw"].astype(str) if "site_raw" in table.columns else table["site"].astype(str)
-    out = out.drop(columns=[c for c in ("site_raw",) if c in out.columns])
-    first = [c for c in ("participant_id", "age", "sex", "site", "siteXacq", "split") if c in out.columns]
+    labels = table["site"].astype(str)
+    for pid, label in zip(table["participant_id"], labels):
+        if not (label.isdigit() and int(label) < KIT_SITE_CLASSES):
+            raise StoreError(
+                f"{where}: participant {pid!r} has site label {label!r}; expected the challenge's site label, "
+                f"an integer 0-{KIT_SITE_CLASSES - 1} (the kit's problem.py reads 'site' as that class)"
+            )
+    out["site"] = labels
+    out["siteXacq"] = labels
+    out["site_raw"] = table["site_raw"].astype(str) if "site_raw" in table.columns else labels
+    first = [c for c in ("participant_id", "age", "sex", "site", "siteXacq", "site_raw", "split") if c in out.columns]
     return out[first + [c for c in out.columns if c not in first]]
 
 
@@ -115,6 +128,9 @@ def write_ramp_rows(store_path: str | Path, out: str | Path, *, width: int = RAM
     if width < n_vbm:
         raise ConfigError(f"--width {width}: rows must hold the {n_vbm} voxels of the mask; expected width >= {n_vbm}")
     written = {"mask": out / MASK_FILE}
+    for splits in PARTS.values():
+        if any(s in store.splits for s in splits):
+            _kit_table(_part_table(store, splits), store.path)  # refuse bad labels before writing rows
     for part, splits in PARTS.items():
         table = _part_table(store, splits)
         if table.empty:
@@ -130,7 +146,7 @@ def write_ramp_rows(store_path: str | Path, out: str | Path, *, width: int = RAM
         del rows
         os.replace(tmp_npy, npy)
         tmp_tsv = out / f".{part}.tmp.tsv"
-        _kit_table(table).to_csv(tmp_tsv, sep="\t", index=False)
+        _kit_table(table, store.path).to_csv(tmp_tsv, sep="\t", index=False)
         os.replace(tmp_tsv, tsv)
         written[part] = npy
         written[f"{part}_table"] = tsv

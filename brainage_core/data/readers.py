@@ -1,4 +1,4 @@
-"""Readers of the three source layouts (see ``../shared/docs/openbhb.md``).
+"""Readers of the three source layouts (see ``docs/evaluation.md``, "The data set").
 
 * ``openbhb`` — per-subject: ``participants.tsv`` at the root and, per subject,
   ``<train|val>/derivatives/sub-<id>/ses-*/sub-<id>_preproc-cat12vbm_desc-gm_T1w.npy``
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainage_core.data.tables import Problem, file_digest, find_table, normalise_table, read_table
+from brainage_core.data.layout import MASK_THRESHOLD, OPENBHB_SUFFIX, openbhb_glob, split_folder, subject_relpath
+from brainage_core.data.tables import SPLIT_ALIASES, Problem, file_digest, find_table, normalise_table, read_table
 from brainage_core.errors import ConfigError, DataError
 from brainage_core.grids import GRID_FACTORS, GRID_NAMES, GRID_SHAPES, block_average, grid_affine, grid_of_shape
 
@@ -38,13 +39,8 @@ MODALITIES: tuple[str, ...] = ("vbm", "quasiraw")
 QUASIRAW_GRID = "quasiraw"
 QUASIRAW_SHAPE: tuple[int, int, int] = (182, 218, 182)
 
-OPENBHB_SUFFIX: dict[str, str] = {
-    "vbm": "_preproc-cat12vbm_desc-gm_T1w.npy",
-    "quasiraw": "_preproc-quasiraw_T1w.npy",
-}
-
-#: RAMP: a VBM voxel is in the mask where the CAT12 GM probability exceeds this.
-RAMP_MASK_THRESHOLD = 0.05
+#: RAMP: a VBM voxel is in the mask where the CAT12 GM probability exceeds this (layout.MASK_THRESHOLD).
+RAMP_MASK_THRESHOLD = MASK_THRESHOLD
 
 _GRID_LIST = ", ".join(f"{g} {'×'.join(map(str, GRID_SHAPES[g]))}" for g in GRID_NAMES)
 
@@ -95,7 +91,7 @@ def standardise_volume(array: np.ndarray, *, target: str | None, modality: str =
     of the grids (``quasiraw``: 182×218×182 only). ``target`` None keeps the source grid.
     Returns (float32 or float64 volume (D, H, W) on the target grid, source grid name).
     Raises :class:`VolumeRejected` with the reason (wrong dtype/shape, non-finite voxels, grid
-    coarser than the target, values beyond float16 range).
+    coarser than the target, values beyond float16 range, every voxel zero).
     """
     if not np.issubdtype(array.dtype, np.floating):
         raise VolumeRejected(f"array dtype {array.dtype}; expected a floating-point array")
@@ -121,6 +117,8 @@ def standardise_volume(array: np.ndarray, *, target: str | None, modality: str =
         bad = int(finite.size - np.count_nonzero(finite))
         first = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise VolumeRejected(f"{bad} non-finite voxel(s) (first at {first}); expected finite values")
+    if not np.any(vol):
+        raise VolumeRejected("every voxel is 0 (an empty image); expected a brain volume")
     target = target or source
     if source != target:
         if source == QUASIRAW_GRID or target == QUASIRAW_GRID:
@@ -171,19 +169,19 @@ class OpenBHBReader(Reader):
         table = normalise_table(read_table(table_path, require_age=self.require_age))
         suffix = OPENBHB_SUFFIX[self.modality]
         found: dict[str, list[Path]] = {}
-        for path in sorted(root.glob(f"*/derivatives/sub-*/ses-*/sub-*{suffix}")):
+        for path in sorted(root.glob(openbhb_glob(self.modality))):
             found.setdefault(path.name[len("sub-") : -len(suffix)], []).append(path)
         problems: dict[int, Problem] = {}
         paths: list[str] = []
         for i in table.index:
             pid = str(table.at[i, "participant_id"])
             bare = _bare_id(pid)
-            folder = "train" if table.at[i, "split"] == "train" else "val"
+            folder = split_folder(table.at[i, "split"])
             candidates = found.get(bare, [])
             preferred = [p for p in candidates if p.relative_to(root).parts[0] == folder]
             chosen = (preferred or candidates or [None])[0]
             if chosen is None:
-                expected = root / folder / "derivatives" / f"sub-{bare}" / "ses-1" / f"sub-{bare}{suffix}"
+                expected = root / subject_relpath(bare, table.at[i, "split"], modality=self.modality)
                 problems[i] = Problem(pid, str(expected), "no file for this row; expected this file")
                 paths.append("")
             else:
@@ -286,6 +284,14 @@ class RampReader(Reader):
                     f"{table_path}: no 'split' column; expected internal_test or external_test on every row"
                 )
             table = normalise_table(raw, default_split="train")
+            if part == "test":  # a test row must never reach the training split
+                for i, value in enumerate(table["split"]):
+                    if SPLIT_ALIASES.get(str(value)) == "train":
+                        pid = str(table["participant_id"].iloc[i])
+                        problems[offset + i] = Problem(
+                            pid, f"{npy}#{i}", f"split {value!r} in {table_path.name}: a test row cannot be a "
+                            "training subject; expected internal_test or external_test"
+                        )
             if not npy.is_file():
                 raise DataError(f"{npy}: missing; expected the flat array matching {table_path.name}")
             array = self._open_array(npy)

@@ -187,6 +187,10 @@ def resolve_store(data_cfg: Any, cache_dir: str | Path | None = None, *, progres
             source = _ensure_synthetic_cohort(spec["synthetic"], cache, key, progress)
         else:
             source = Path(spec["source"])
+        if out.is_dir() and not (out / "manifest.json").exists() and cache / "stores" in out.parents:
+            # the cache's own leftover of an interrupted earlier version (prepare refuses a folder holding
+            # anything but a store; here the folder is ours)
+            shutil.rmtree(out)
         log.info("preparing store %s from %s", out, source)
         return prepare(
             source,

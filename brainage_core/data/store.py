@@ -8,18 +8,23 @@ Layout (the contract other code relies on; see ``docs/interfaces.md``)::
                                  "shapes", "fingerprint", "version", "created", ...}
     STORE/skipped.tsv            only with on_error="skip": participant_id, file, reason
 
-A store is complete exactly when ``manifest.json`` exists: :class:`StoreWriter` writes every file
-under a temporary name, renames them into place and writes the manifest last, and deletes the
-manifest of an older store before touching anything else. :func:`open_store` refuses a folder
-without a manifest (an interrupted or never-finished preparation).
+A store is complete exactly when ``manifest.json`` exists: :class:`StoreWriter` writes the whole
+store in a build folder beside ``STORE`` (manifest last) and only then swaps it into place, so an
+older store there stays intact until the new one is complete. :func:`open_store` refuses a folder
+without a manifest (never a finished preparation). ``STORE_FILES`` / :func:`foreign_files` tell a
+store's own files from anything else.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import fcntl
+import glob
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,23 @@ PARTICIPANTS = "participants.parquet"
 SKIPPED = "skipped.tsv"
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"
+
+
+def store_file_names() -> set[str]:
+    """Names a prepared store folder may hold (besides the legacy ``.lock`` / ``.tmp-*`` leftovers)."""
+    return {MANIFEST, PARTICIPANTS, SKIPPED, *(f"{s}.npy" for s in SPLITS)}
+
+
+def foreign_files(path: str | Path) -> list[str]:
+    """Sorted names in folder ``path`` that are not a store's files: any entry at all when there is no
+    manifest (a folder without one was never a finished store), else the entries that no store writes.
+    Leftovers of the former in-place writer (``.lock``, ``.tmp-*``) never count."""
+    folder = Path(path)
+    names = [p.name for p in folder.iterdir() if p.name != LOCK and not p.name.startswith(TMP_PREFIX)]
+    if MANIFEST not in names:
+        return sorted(names)
+    own = store_file_names() | {f"{s}.npy" for s in (read_manifest(folder) or {}).get("shapes", {})}
+    return sorted(n for n in names if n not in own)
 
 #: Bytes of the .npy header we write (magic + length + dict, padded): fixed so it can be rewritten
 #: in place with the final row count once all rows are appended. A multiple of 64 keeps the data aligned.
@@ -170,32 +192,33 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-
-
 class StoreWriter:
-    """Writes a store atomically, one volume at a time (memory use: one volume).
+    """Writes a store beside its final place and swaps it in whole (memory use: one volume).
 
     Usage::
 
         with StoreWriter(out) as writer:       # takes the store's lock (one writer at a time)
-            writer.clear()                     # removes any old store files, manifest first
             row = writer.append("train", vol)  # float16-castable (1, D, H, W) or (D, H, W)
             ...
             store = writer.finish(participants, manifest)
 
-    Leaving the ``with`` block without :meth:`finish` (an exception) removes the temporary files;
-    a killed process leaves only ``.tmp-*`` files and no manifest, which the next writer cleans up.
+    Every file is written into a build folder next to ``out`` (``<parent>/.<name>.tmp-<pid>``); only
+    :meth:`finish`, once the new store is complete (manifest written last), puts it at ``out``: an
+    atomic exchange of the two folders (``renameat2(RENAME_EXCHANGE)``; where the file system lacks
+    it, two renames a moment apart), after which the old folder is deleted. Until then ``out`` and
+    whatever it holds are not touched, so a failed or killed preparation leaves an existing store
+    intact. The lock is the file ``<parent>/.<name>.lock`` (it must outlive the swap). Leaving the
+    ``with`` block without :meth:`finish` removes the build folder; a killed process leaves one,
+    which the next writer of ``out`` deletes. The caller decides whether ``out`` may be replaced
+    (``prepare`` refuses a folder holding anything but a store). OSErrors (a read-only parent, a
+    full disk) become StoreError naming the path.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_symlink():  # replace the folder it points to, never the link itself
+            self.path = self.path.resolve()
+        self.build = self.path.parent / f".{self.path.name}{TMP_PREFIX}{os.getpid()}"
         self._files: dict[str, Any] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._counts: dict[str, int] = {}
@@ -204,9 +227,17 @@ class StoreWriter:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = (self.path / LOCK).open("a")
-        fcntl.flock(self._lock_fh, fcntl.LOCK_EX)
+        lock = self.path.parent / f".{self.path.name}{LOCK}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fh = lock.open("a")
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX)
+            self._remove_builds()  # under the lock: leftovers of killed writers
+            self.build.mkdir()
+        except OSError as exc:
+            self.__exit__()
+            raise StoreError(f"{self.path}: cannot write the store beside it ({_os_why(exc)}); expected a "
+                             "writable folder") from exc
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -217,40 +248,43 @@ class StoreWriter:
             self._lock_fh.close()
             self._lock_fh = None
 
+    def _remove_builds(self) -> None:
+        for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     def clear(self) -> None:
-        """Make the folder hold no store: manifest first, then the data files and stale temp files."""
-        (self.path / MANIFEST).unlink(missing_ok=True)
-        for name in [*(f"{s}.npy" for s in SPLITS), PARTICIPANTS, SKIPPED]:
-            (self.path / name).unlink(missing_ok=True)
-        for stale in self.path.glob(TMP_PREFIX + "*"):
-            stale.unlink(missing_ok=True)
+        """Kept for callers of the former in-place writer: nothing to do, ``out`` is replaced whole by
+        :meth:`finish`."""
 
     def abort(self) -> None:
-        """Close and delete every temporary file written so far."""
+        """Close and delete everything written so far (the build folder); ``out`` is left as it was."""
         for fh in self._files.values():
             fh.close()
         self._files.clear()
-        for stale in self.path.glob(TMP_PREFIX + "*"):
-            stale.unlink(missing_ok=True)
+        shutil.rmtree(self.build, ignore_errors=True)
 
     # -- writing ---------------------------------------------------------------------------------
     def _tmp(self, name: str) -> Path:
-        return self.path / f"{TMP_PREFIX}{name}"
+        return self.build / name
 
     def append(self, split: str, volume: np.ndarray) -> int:
         """Append one volume (cast to float16, stored as (1, D, H, W)) to ``split``; return its row."""
         vol = np.ascontiguousarray(volume, dtype=np.float16)
         if vol.ndim == 3:
             vol = vol[None]
-        if split not in self._files:
-            fh = self._tmp(f"{split}.npy").open("wb")
-            fh.write(_npy_header((0, *vol.shape), np.float16))  # placeholder, rewritten in finish()
-            self._files[split], self._shapes[split], self._counts[split] = fh, vol.shape, 0
-        elif vol.shape != self._shapes[split]:
-            raise StoreError(
-                f"{self.path}: volume of shape {vol.shape} appended to {split} whose rows are {self._shapes[split]}"
-            )
-        self._files[split].write(vol.tobytes())
+        try:
+            if split not in self._files:
+                fh = self._tmp(f"{split}.npy").open("wb")
+                fh.write(_npy_header((0, *vol.shape), np.float16))  # placeholder, rewritten in finish()
+                self._files[split], self._shapes[split], self._counts[split] = fh, vol.shape, 0
+            elif vol.shape != self._shapes[split]:
+                raise StoreError(
+                    f"{self.path}: volume of shape {vol.shape} appended to {split} whose rows are "
+                    f"{self._shapes[split]}"
+                )
+            self._files[split].write(vol.tobytes())
+        except OSError as exc:
+            raise StoreError(f"{self.build}: cannot write {split}.npy ({_os_why(exc)})") from exc
         self._counts[split] += 1
         return self._counts[split] - 1
 
@@ -265,38 +299,82 @@ class StoreWriter:
         manifest: dict[str, Any],
         skipped: pd.DataFrame | None = None,
     ) -> Store:
-        """Finalise: rewrite headers, rename every file into place, write the manifest last.
+        """Finalise: rewrite headers, write the table and the manifest (last), swap the store into place.
 
         ``manifest`` gets ``format``, ``shapes``, ``version`` and ``created`` filled in.
         """
-        shapes: dict[str, list[int]] = {}
-        for split, fh in self._files.items():
-            shape = (self._counts[split], *self._shapes[split])
-            fh.seek(0)
-            fh.write(_npy_header(shape, np.float16))
-            fh.close()
-            shapes[split] = list(shape)
-        self._files.clear()
-        table = _parquet_safe(participants)
-        table.to_parquet(self._tmp(PARTICIPANTS), index=False)
-        if skipped is not None and len(skipped):
-            skipped.to_csv(self._tmp(SKIPPED), sep="\t", index=False)
-        for split in shapes:
-            _fsync_replace(self._tmp(f"{split}.npy"), self.path / f"{split}.npy")
-        _fsync_replace(self._tmp(PARTICIPANTS), self.path / PARTICIPANTS)
-        if skipped is not None and len(skipped):
-            _fsync_replace(self._tmp(SKIPPED), self.path / SKIPPED)
-        full = {
-            "format": STORE_FORMAT,
-            **manifest,
-            "shapes": {s: shapes[s] for s in SPLITS if s in shapes},
-            "version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
-        self._tmp(MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
-        _fsync_replace(self._tmp(MANIFEST), self.path / MANIFEST)
+        try:
+            shapes: dict[str, list[int]] = {}
+            for split, fh in self._files.items():
+                shape = (self._counts[split], *self._shapes[split])
+                fh.seek(0)
+                fh.write(_npy_header(shape, np.float16))
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+                shapes[split] = list(shape)
+            self._files.clear()
+            table = _parquet_safe(participants)
+            table.to_parquet(self._tmp(PARTICIPANTS), index=False)
+            if skipped is not None and len(skipped):
+                skipped.to_csv(self._tmp(SKIPPED), sep="\t", index=False)
+            full = {
+                "format": STORE_FORMAT,
+                **manifest,
+                "shapes": {s: shapes[s] for s in SPLITS if s in shapes},
+                "version": __version__,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            }
+            _fsync_write(self._tmp(MANIFEST), json.dumps(full, indent=2, sort_keys=False) + "\n")
+            self._swap_in()
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot finish the store ({_os_why(exc)}); the previous content of "
+                             f"{self.path} is unchanged") from exc
         self._finished = True
         return Store(self.path)
+
+    def _swap_in(self) -> None:
+        """Put the complete build folder at ``path``; the folder it replaces is deleted afterwards."""
+        if not self.path.exists():
+            os.rename(self.build, self.path)
+            return
+        if not _exchange(self.build, self.path):
+            old = self.path.parent / f".{self.path.name}{TMP_PREFIX}old-{os.getpid()}"
+            os.rename(self.path, old)
+            os.rename(self.build, self.path)
+            self.build = old
+        shutil.rmtree(self.build, ignore_errors=True)  # now the replaced store
+
+
+def _os_why(exc: OSError) -> str:
+    return f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else str(exc)
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with path.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
@@ -311,5 +389,6 @@ def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = [
-    "Store", "StoreWriter", "open_store", "require_known_ages", "read_manifest", "STORE_FORMAT", "MANIFEST", "SPLITS"
+    "Store", "StoreWriter", "open_store", "require_known_ages", "read_manifest", "foreign_files", "STORE_FORMAT",
+    "MANIFEST", "SPLITS",
 ]

@@ -1,6 +1,6 @@
 """The synthetic multi-site OpenBHB-like cohort (``python -m brainage_core.data synth``).
 
-The generative model is the one of ``../shared/docs/synthetic-cohort.md``; per subject with age a,
+The generative model is the one of ``docs/synthetic-cohort.md`` (version 2); per subject with age a,
 sex and site s (all randomness from the cohort seed and the subject's plan index, so any subject can
 be regenerated alone):
 
@@ -27,9 +27,9 @@ be regenerated alone):
    smooth bias field (amplitude U(2 %, 8 %), ×U(0.7, 1.3) per subject), gain ``1 + N(0, 0.06)``,
    offset N(0, 0.01), smoothed noise SD ``0.005 + U(0, 0.03)``; clip at 0; × dilated brain mask.
 
-Departures from ``../shared/docs/synthetic-cohort.md`` (documented with their measurements in
-``docs/realism.md``): the regional segmentation fields of step 4, and segmentation after ageing (the doc
-segments before ageing). With only the doc's scalar site effects, a ridge trained on 56 sites became
+Departures from the first version of the model (documented with their measurements in
+``docs/realism.md``): the regional segmentation fields of step 4, and segmentation after ageing
+(version 1 segmented before ageing). With only version 1's scalar site effects, a ridge trained on 56 sites became
 invariant to them and unseen sites were not predicted worse than seen ones.
 
 ``strength`` multiplies every site deviation *from the cohort average* (registration shift,
@@ -63,32 +63,17 @@ from scipy import ndimage
 
 from brainage_core.data.cohort_plan import (
     SITE_STREAM,
-    SPLIT_FOLDERS,
     SPLITS,
     SUBJECT_STREAM,
     plan_cohort,
 )
+from brainage_core.data.layout import PARTICIPANTS_COLUMNS, subject_relpath
 from brainage_core.data.synthetic_anatomy import field_weights, load_anatomy, smooth_field
 from brainage_core.errors import ConfigError
 from brainage_core.grids import GRID_FACTORS, GRID_NAMES, check_grid
 
 #: participants.tsv columns, in the real OpenBHB order (NIfTI output appends ``path``).
-TABLE_COLUMNS: tuple[str, ...] = (
-    "participant_id",
-    "study",
-    "sex",
-    "age",
-    "site",
-    "diagnosis",
-    "tiv",
-    "csfv",
-    "gmv",
-    "wmv",
-    "magnetic_field_strength",
-    "acquisition_setting",
-    "siteXacq",
-    "split",
-)
+TABLE_COLUMNS: tuple[str, ...] = PARTICIPANTS_COLUMNS
 FORMATS: tuple[str, ...] = ("openbhb", "nifti")
 
 #: Bumped whenever the generative model changes what a (seed, subject) pair produces, so that
@@ -289,14 +274,6 @@ def participants_table(plan: pd.DataFrame, seed: int) -> pd.DataFrame:
     for key in ("tiv", "csfv", "gmv", "wmv"):
         table[key] = np.round([v[key] for v in vols], 2)
     return table[list(TABLE_COLUMNS)]
-
-
-def subject_relpath(participant_id: str, split: str, fmt: str) -> str:
-    """Path of a subject's file relative to the cohort folder (POSIX separators)."""
-    pid = str(participant_id)
-    if fmt == "openbhb":
-        return f"{SPLIT_FOLDERS[split]}/derivatives/sub-{pid}/ses-1/sub-{pid}_preproc-cat12vbm_desc-gm_T1w.npy"
-    return f"sub-{pid}/ses-1/anat/sub-{pid}_desc-gm_T1w.nii"
 
 
 def _write_subject(task: tuple[dict, str, float, int, str, str]) -> int:

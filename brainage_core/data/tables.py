@@ -133,7 +133,8 @@ def normalise_table(table: pd.DataFrame, *, default_split: str | None = "train")
 
     Columns: ``participant_id`` (str), ``age`` (float64, NaN where not a number), ``sex`` (str),
     ``site`` (str: ``siteXacq`` where the source has it, else ``site``, else ``"unknown"``),
-    ``site_raw`` (the source's ``site``), ``split`` (as written in the source, lower-cased; or
+    ``site_raw`` (the source's ``site_raw`` where it has one, as ``ramp-rows`` writes, else its ``site``),
+    ``split`` (as written in the source, lower-cased; or
     ``default_split`` when the column is absent) and ``age_raw`` (the original cell, for messages),
     followed by every other source column. A table without an ``age`` column (read with
     ``require_age=False``) gets NaN ages. Nothing is validated here (see :func:`row_problems`).
@@ -145,6 +146,8 @@ def normalise_table(table: pd.DataFrame, *, default_split: str | None = "train")
     out["age"] = pd.to_numeric(raw_age, errors="coerce").astype("float64")
     out["sex"] = table["sex"].astype(object) if "sex" in table.columns else ""
     raw_site = table["site"].astype(object) if "site" in table.columns else pd.Series("", index=table.index)
+    if "site_raw" in table.columns:  # a table written by ramp-rows: site is the challenge label there
+        raw_site = table["site_raw"].map(_label).astype(object)
     if "siteXacq" in table.columns:
         site = table["siteXacq"].astype(object).where(table["siteXacq"] != "", raw_site)
     else:

@@ -1,6 +1,6 @@
 """Evaluation as the OpenBHB challenge scores it: features, linear probes, metrics, validation split.
 
-See ``shared/docs/openbhb.md`` ("Evaluation protocol") and ``docs/interfaces.md`` (Evaluation).
+See ``docs/evaluation.md`` ("Probes", "Challenge scores") and ``docs/interfaces.md`` (Evaluation).
 This package never imports Ray.
 """
 

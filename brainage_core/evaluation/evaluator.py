@@ -8,10 +8,19 @@ minus the validation parts), scored on the internal part (MAE, RMSE, site BAcc) 
 scored on ``internal_test`` (MAE, RMSE, BAcc) and ``external_test`` (MAE, RMSE); ``test_lc`` uses
 n_sites = the number of sites of the store (64 on OpenBHB).
 
+Constant baselines, per evaluation, so a reader can tell whether anything was learned:
+``<prefix>_mae_int_const`` / ``<prefix>_mae_ext_const`` are the MAEs (years) of predicting, for every
+subject of the scored part, the median age of the rows the age probe was fit on (the same rows, the
+same split); ``<prefix>_bacc_chance`` is the chance balanced accuracy of that part, 1 / (number of
+sites present in it), i.e. from the cohort's own site count, not the challenge's 64.
+
 Probes are never fit on test subjects. ``leaked`` is True when the model was trained on test subjects
 (``training.train_on: all``, or a participant id present both in the training rows and a test split);
 every test metric of that evaluation must then be reported as leaked. Missing parts (no test splits,
 a validation fraction of 0, ``train_on`` other than ``train_minus_val`` for ``val_*``) give NaN.
+
+``protocol`` (``exact`` | ``fast``, ``docs/probes.md``): how the probes are fitted; the fast protocol
+fits them on the evaluation device from the features extracted there.
 """
 
 from __future__ import annotations
@@ -26,24 +35,15 @@ import torch
 from brainage_core.data.store import require_known_ages
 from brainage_core.errors import ConfigError, NonFiniteLossError
 from brainage_core.evaluation.features import extract_features
-from brainage_core.evaluation.probes import fit_age_probe, fit_site_probe
+from brainage_core.evaluation.probes import PROTOCOLS, fit_age_probe, fit_site_probe
 from brainage_core.evaluation.scores import balanced_accuracy, challenge_scores, chance_balanced_accuracy, mae, rmse
 from brainage_core.evaluation.validation import ValidationSplit, make_validation_split
+from brainage_core.metrics import QUANTITIES
 
 TRAIN_ON_CHOICES = ("train_minus_val", "train", "all")
 TEST_SPLITS = ("internal_test", "external_test")
 #: Every key of :meth:`Evaluator.evaluate`'s result besides ``leaked`` and the probe notes.
-METRIC_SUFFIXES = (
-    "mae_int",
-    "mae_ext",
-    "rmse_int",
-    "rmse_ext",
-    "bacc",
-    "bacc_chance",
-    "lc",
-    "lc_2022_09",
-    "lc_2022_06",
-)
+METRIC_SUFFIXES: tuple[str, ...] = tuple(QUANTITIES)  # brainage_core/metrics.py, in its order
 
 
 def training_rows(store: Any, train_on: str, split: ValidationSplit | None) -> dict[str, np.ndarray]:
@@ -72,7 +72,8 @@ class Evaluator:
 
     ``store``: a :class:`brainage_core.data.store.Store` (needs ``splits``, ``site_labels``, ``array(split)``,
     ``table(split)`` with columns participant_id, age, site, row). ``evaluation``: the config's
-    ``EvaluationConfig`` (``val_internal_frac``, ``val_external_frac``, ``val_seed``, ``batch_size``, ``test``).
+    ``EvaluationConfig`` (``val_internal_frac``, ``val_external_frac``, ``val_seed``, ``batch_size``, ``test``,
+    ``protocol``: the default of :meth:`evaluate`; a config without it means ``exact``).
     ``train_on``: ``training.train_on``. The validation split is computed once, here, and exposed as
     ``self.split``; ``self.training_rows`` is what the training loop must train on. ``seed`` drives the
     site probe's solver; ``n_jobs`` the probes' grid searches (scikit-learn's meaning).
@@ -148,27 +149,40 @@ class Evaluator:
         internal: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         external: tuple[np.ndarray, np.ndarray] | None,
         n_sites: int,
+        fit_ages: np.ndarray | None = None,
     ) -> dict[str, float]:
         nan = math.nan
+        const = float(np.median(fit_ages)) if fit_ages is not None and fit_ages.size else nan
         m = {f"{prefix}_{k}": nan for k in METRIC_SUFFIXES}
         if internal is not None and internal[0].shape[0]:
             X, ages, sites = internal
             pred = age_probe.predict(X)
             m[f"{prefix}_mae_int"], m[f"{prefix}_rmse_int"] = mae(ages, pred), rmse(ages, pred)
+            m[f"{prefix}_mae_int_const"] = mae(ages, np.full_like(ages, const))
             m[f"{prefix}_bacc"] = balanced_accuracy(sites, site_probe.predict(X))
             m[f"{prefix}_bacc_chance"] = chance_balanced_accuracy(sites)
         if external is not None and external[0].shape[0]:
             X, ages = external
             pred = age_probe.predict(X)
             m[f"{prefix}_mae_ext"], m[f"{prefix}_rmse_ext"] = mae(ages, pred), rmse(ages, pred)
+            m[f"{prefix}_mae_ext_const"] = mae(ages, np.full_like(ages, const))
         scores = challenge_scores(m[f"{prefix}_mae_int"], m[f"{prefix}_mae_ext"], m[f"{prefix}_bacc"], n_sites)
         m.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return m
 
     # -- the evaluation ----------------------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> dict[str, Any]:
+    def evaluate(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", *, protocol: str | None = None
+    ) -> dict[str, Any]:
         """Metrics of ``model``: ``val_*`` and ``test_*`` (see the module docstring), ``leaked`` (bool),
-        ``eval_s`` (seconds) and ``probe_notes`` (str; empty when the probes followed the protocol)."""
+        ``eval_s`` (seconds, feature extraction and probe fits), ``probe_notes`` (str; empty when the
+        probes followed the protocol) and ``protocol`` (``exact`` | ``fast``; None: ``evaluation.protocol``).
+        Features are extracted on ``device`` in inference mode; fast probes are fitted there too."""
+        if protocol is None:
+            protocol = getattr(self.evaluation, "protocol", "exact")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"evaluation.protocol = {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        probe_device = torch.device(device) if protocol == "fast" else None
         start = time.perf_counter()
         n_train = self.store.array("train").shape[0]
         all_rows = np.arange(n_train, dtype=np.int64)
@@ -179,8 +193,13 @@ class Evaluator:
 
         if self.split is not None:
             fit = self.split.train_rows
-            age_probe = fit_age_probe(train_X[fit], train_ages[fit], n_jobs=self.n_jobs)
-            site_probe = fit_site_probe(train_X[fit], train_sites[fit], seed=self.seed, n_jobs=self.n_jobs)
+            age_probe = fit_age_probe(
+                train_X[fit], train_ages[fit], protocol=protocol, device=probe_device, n_jobs=self.n_jobs
+            )
+            site_probe = fit_site_probe(
+                train_X[fit], train_sites[fit], protocol=protocol, device=probe_device, seed=self.seed,
+                n_jobs=self.n_jobs,
+            )
             notes += [f"val {p}: {q.note}" for p, q in (("age", age_probe), ("site", site_probe)) if q.note]
             vi, ve = self.split.val_internal_rows, self.split.val_external_rows
             val = self._score(
@@ -190,13 +209,16 @@ class Evaluator:
                 (train_X[vi], train_ages[vi], train_sites[vi]),
                 (train_X[ve], train_ages[ve]),
                 n_train_sites,
+                fit_ages=train_ages[fit],
             )
         else:
             val = self._score("val", None, None, None, None, n_train_sites)
 
         if self.evaluation.test and self.test_splits:
-            age_probe = fit_age_probe(train_X, train_ages, n_jobs=self.n_jobs)
-            site_probe = fit_site_probe(train_X, train_sites, seed=self.seed, n_jobs=self.n_jobs)
+            age_probe = fit_age_probe(train_X, train_ages, protocol=protocol, device=probe_device, n_jobs=self.n_jobs)
+            site_probe = fit_site_probe(
+                train_X, train_sites, protocol=protocol, device=probe_device, seed=self.seed, n_jobs=self.n_jobs
+            )
             notes += [f"test {p}: {q.note}" for p, q in (("age", age_probe), ("site", site_probe)) if q.note]
             internal = external = None
             if "internal_test" in self.test_splits:
@@ -207,7 +229,8 @@ class Evaluator:
                 table = self.store.table("external_test")
                 rows = table["row"].to_numpy(dtype=np.int64)
                 external = (self._features(model, "external_test", rows, device), self._labels(table, rows)[0])
-            test = self._score("test", age_probe, site_probe, internal, external, len(self.store.site_labels))
+            test = self._score("test", age_probe, site_probe, internal, external, len(self.store.site_labels),
+                               fit_ages=train_ages)
         else:
             test = self._score("test", None, None, None, None, len(self.store.site_labels))
 
@@ -217,4 +240,5 @@ class Evaluator:
             "leaked": bool(self.leaked),
             "eval_s": time.perf_counter() - start,
             "probe_notes": "; ".join(notes),
+            "protocol": protocol,
         }

@@ -1,4 +1,4 @@
-"""Point metrics and the OpenBHB challenge scores (``shared/docs/openbhb.md``, "Evaluation protocol").
+"""Point metrics and the OpenBHB challenge scores (``docs/evaluation.md``, "Challenge scores").
 
 All ages are in years; MAE/RMSE are in years; balanced accuracy (BAcc) is a fraction in [0, 1].
 Lower challenge scores are better.

@@ -1,14 +1,15 @@
-"""Write a trained model as a RAMP submission for the brain-age challenge (``../shared/docs/openbhb.md``).
+"""Write a trained model as a RAMP submission for the brain-age challenge (``docs/evaluation.md``).
 
 A submission folder holds:
 
-- ``estimator.py``: self-contained (torch, numpy, nibabel, scikit-learn; not this project). It inlines
+- ``estimator.py``: self-contained (torch, numpy, nibabel, scikit-learn; not this project), written from
+  the template ``estimator.py.tmpl`` beside this module (package data; ``__NAME__`` placeholders). It inlines
   the model's family file and ``heads.py`` (``brainage_core.models.family_source_files``) and a small
   estimator that replays the prepared store's preprocessing exactly: a flat VBM row's first
-  ``count(VBM_MASK > 0.05)`` values are placed into the mask's voxels in C order on the 121×145×121
-  grid (zeros elsewhere), the volume is block-averaged to the model's grid in float32 (the code of
-  ``brainage_core.grids.block_average``, copied) and cast to float16, as ``prepare`` does for the
-  ``ramp`` layout. The network then sees the training's deterministic input transform
+  ``count(VBM_MASK > MASK_THRESHOLD)`` values (``brainage_core.data.layout``) are placed into the mask's
+  voxels in C order on the 121×145×121 grid (zeros elsewhere), the volume is block-averaged to the
+  model's grid in float32 (the code of ``brainage_core.grids.block_average``, copied) and cast to
+  float16, as ``prepare`` does for the ``ramp`` layout. The network then sees the deterministic input transform
   (``brainage_core.data.augment.DeviceAugment.center`` for the trial's ``training.augment``: per-volume
   z-scoring and/or the centred crop + zero-padding), replicated in plain torch. The file contains
   none of the RAMP sanitizer's forbidden substrings (checked here with the project's strict list, any
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from brainage_core.data.augment import CROP_LENGTH_FULL, PAD_TO_FULL
+from brainage_core.data.layout import MASK_THRESHOLD
 from brainage_core.errors import BrainageError, ConfigError
 from brainage_core.grids import GRID_FACTORS, GRID_SHAPES
 
@@ -183,164 +185,8 @@ def _inline(path: Path) -> str:
     return _FUTURE.sub("", text).strip() + "\n"
 
 
-_TEMPLATE = '''"""Brain-age features for the RAMP brain-age challenge with site removal.
-
-Exported by brainage-study: __SUMMARY__.
-Network: __BACKBONE__ (base width __BASE_WIDTH__) with the __HEAD__ head, input grid __GRID__
-(__GRID_SHAPE__), __FEATURE_DIM__ features per subject. Weights: weights.pth next to this file (state
-dict under 'model'). The network code below is inlined from the project (torch only).
-
-How the challenge workflow drives it: VBM_MASK names the grey-matter mask NIfTI; get_estimator() returns
-a Pipeline whose one step has an `indices` attribute; fit(None, None) restores the weights and returns
-the pipeline; predict(X) reads only the rows in `indices` (all rows when None) of the whole flat array X,
-__BATCH__ rows at a time, and returns float32 features (rows, __FEATURE_DIM__).
-
-Preprocessing, exactly as the project's prepared store: the first count(mask > 0.05) values of a row go
-into the mask voxels in C order on the 121x145x121 grid (zeros elsewhere); the volume is block-averaged
-__BLOCK__x__BLOCK__x__BLOCK__ in float32 (zero-padded at the high end of each axis) and cast to float16.
-The network then sees the training's deterministic input transform (center_input): __TRANSFORM__.
-"""
-
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-import nibabel
-import numpy as np
-import torch
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.pipeline import Pipeline
-
-__INLINED__
-
-# ---- the estimator ---------------------------------------------------------------------------------
-FULL_SHAPE = (121, 145, 121)
-MASK_THRESHOLD = 0.05
-BLOCK = __BLOCK__
-GRID_SHAPE = __GRID_SHAPE_TUPLE__
-HEAD = "__HEAD__"
-BASE_WIDTH = __BASE_WIDTH__
-PROJ_DIM = __PROJ_DIM__
-NORMALIZE = __NORMALIZE__
-FEATURE = "__FEATURE__"
-FEATURE_DIM = __FEATURE_DIM__
-ZSCORE = __ZSCORE__
-CROP = __CROP__
-CROP_LENGTH = __CROP_LENGTH__
-PAD_TO = __PAD_TO__
-WEIGHTS = Path(__file__).resolve().parent / "weights.pth"
-
-
-def build_network():
-    """The network of the exported trial, with untrained weights."""
-    encoder = __BACKBONE__(BASE_WIDTH)
-    if HEAD == "contrastive":
-        return ContrastiveModel(encoder, proj_dim=PROJ_DIM, normalize=NORMALIZE, feature=FEATURE)
-    return RegressionModel(encoder)
-
-
-def grey_matter_mask():
-    """Boolean (121, 145, 121) array: the voxels of VBM_MASK above 0.05."""
-    where = os.environ.get("VBM_MASK")
-    if not where:
-        raise RuntimeError("the environment variable VBM_MASK is not set; expected the path of the VBM mask NIfTI")
-    data = np.asarray(nibabel.load(where).get_fdata(dtype=np.float32))
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.shape != FULL_SHAPE:
-        raise RuntimeError(f"VBM_MASK {where} has shape {data.shape}; expected {FULL_SHAPE}")
-    return data > MASK_THRESHOLD
-
-
-def block_average(volume, factor):
-    """Zero-pad the last three axes to multiples of factor and average factor**3 blocks (float32)."""
-    if factor == 1:
-        return volume
-    dtype = np.float64 if volume.dtype == np.float64 else np.float32
-    *lead, d, h, w = volume.shape
-    pad_d, pad_h, pad_w = ((-(-n // factor)) * factor - n for n in (d, h, w))
-    x = np.asarray(volume, dtype=dtype)
-    if pad_d or pad_h or pad_w:
-        x = np.pad(x, [(0, 0)] * len(lead) + [(0, pad_d), (0, pad_h), (0, pad_w)])
-    D, H, W = (s // factor for s in x.shape[-3:])
-    x = x.reshape(*lead, D, factor, H, factor, W, factor)
-    return x.mean(axis=(-5, -3, -1), dtype=dtype)
-
-
-def preprocess_rows(flat, mask):
-    """Flat float rows (b, >= count(mask)) -> float16 volumes (b, 1, *GRID_SHAPE), as the prepared store."""
-    n_vbm = int(mask.sum())
-    out = np.empty((flat.shape[0], 1, *GRID_SHAPE), dtype=np.float16)
-    for i in range(flat.shape[0]):
-        volume = np.zeros(FULL_SHAPE, dtype=np.float32)
-        volume[mask] = np.asarray(flat[i, :n_vbm], dtype=np.float32)
-        out[i, 0] = block_average(volume, BLOCK).astype(np.float16)
-    return out
-
-
-def center_input(x):
-    """What the network was trained on: float32 (b, 1, *GRID_SHAPE) -> (b, 1, D', H', W').
-
-    ZSCORE: per volume (x - mean) / (std + 1e-6), unbiased std over all non-batch axes. CROP: the centred
-    CROP_LENGTH voxels of axis 3 (H), then centred zero-padding of every spatial axis to PAD_TO.
-    """
-    if ZSCORE:
-        dims = tuple(range(1, x.ndim))
-        x = (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True) + 1e-6)
-    if CROP:
-        start = (x.shape[3] - CROP_LENGTH) // 2
-        x = x[:, :, :, start:start + CROP_LENGTH]
-        pads = []
-        for n in reversed(x.shape[2:]):  # pad lists the last axis first
-            total = max(PAD_TO - n, 0)
-            pads += [total // 2, total - total // 2]
-        x = torch.nn.functional.pad(x, pads)
-    return x
-
-
-class BrainAgeFeatures(BaseEstimator, TransformerMixin):
-    """The network's features of flat VBM rows; `indices` selects the rows of X to use (None: all)."""
-
-    indices = None
-
-    def __init__(self, batch_size=__BATCH__):
-        self.batch_size = batch_size
-
-    def fit(self, X=None, y=None):
-        """Restore the trained weights (X and y are ignored) and return self."""
-        self.device_ = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-        network = build_network()
-        network.load_state_dict(state["model"])
-        self.network_ = network.to(self.device_).eval()
-        self.mask_ = grey_matter_mask()
-        return self
-
-    def transform(self, X):
-        rows = np.arange(X.shape[0]) if self.indices is None else np.asarray(self.indices, dtype=np.int64)
-        n_vbm = int(self.mask_.sum())
-        if X.shape[1] < n_vbm:
-            raise ValueError(f"rows of {X.shape[1]} values; expected at least {n_vbm} (the VBM mask voxels)")
-        out = np.empty((rows.size, FEATURE_DIM), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, rows.size, int(self.batch_size)):
-                batch_rows = rows[start:start + int(self.batch_size)]
-                flat = np.asarray(X[batch_rows, :n_vbm])
-                volumes = torch.from_numpy(preprocess_rows(flat, self.mask_).astype(np.float32))
-                features = self.network_.features(center_input(volumes.to(self.device_)))
-                out[start:start + batch_rows.size] = features.float().cpu().numpy()
-        return out
-
-    def predict(self, X):
-        """Features (rows of `indices`, FEATURE_DIM) as float32."""
-        return self.transform(X)
-
-
-def get_estimator():
-    """The submission's scikit-learn Pipeline (one step with an `indices` attribute)."""
-    return Pipeline([("features", BrainAgeFeatures())])
-'''
+#: the text of ``estimator.py``, with ``__NAME__`` placeholders (package data beside this module)
+TEMPLATE_FILE = Path(__file__).with_name("estimator.py.tmpl")
 
 
 def _transform_summary(spec: ModelSpec) -> str:
@@ -387,8 +233,9 @@ def estimator_source(spec: ModelSpec, *, summary: str = "") -> str:
         "__CROP_LENGTH__": str(CROP_LENGTH_FULL // GRID_FACTORS[spec.grid]),
         "__PAD_TO__": str(PAD_TO_FULL // GRID_FACTORS[spec.grid]),
         "__TRANSFORM__": _transform_summary(spec),
+        "__MASK_THRESHOLD__": repr(MASK_THRESHOLD),
     }
-    text = _TEMPLATE
+    text = TEMPLATE_FILE.read_text()
     inlined_text = values.pop("__INLINED__")
     for key, value in values.items():
         text = text.replace(key, value)

@@ -1,7 +1,7 @@
 """What every contrastive loss shares: input validation, upcasting, view-major stacking, the DDP
 gather, the mean over anchors that have positives, and the common kernel-weighted form.
 
-Conventions (``../shared/docs/losses.md``): ``features`` (B, V, d), ``ages`` (B,) in years. The
+Conventions (``docs/losses.md``): ``features`` (B, V, d), ``ages`` (B,) in years. The
 N = V·B embeddings are stacked view-major (all subjects of view 0, then view 1, ...); embedding a
 belongs to subject a mod B. Half-precision inputs are upcast to float32 (float64 stays float64) and
 the loss is computed with autocast disabled, so it is stable for τ down to 0.01 under bf16 autocast.

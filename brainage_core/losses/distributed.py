@@ -5,7 +5,7 @@ negative, so each rank gathers the embeddings (and ages) of all ranks, then comp
 LOCAL anchors only. The gather's backward sums the incoming gradients across ranks (every rank's loss
 depends on every rank's embeddings) and returns each rank the slice of its own samples. DDP then
 averages the parameter gradients, which gives exactly the gradients of one process on the k·b batch
-(``../shared/docs/losses.md``, "Distributed data parallel").
+(``docs/losses.md``, "Under DDP").
 
 Per-rank batch statistics of BatchNorm still differ from the single-process ones unless the model is
 built with ``sync_batchnorm=True``; that is the model's business, not the loss's.

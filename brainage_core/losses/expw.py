@@ -1,7 +1,7 @@
 """The exponential loss L^exp of the seed paper (its proposed loss), in its two forms.
 
 Seed paper: Barbano et al., "Contrastive learning for regression in multi-site brain age prediction",
-IEEE ISBI 2023. The common kernel-weighted form (``../shared/docs/losses.md``), s_ab = z_a·z_b/τ,
+IEEE ISBI 2023. The common kernel-weighted form (``docs/losses.md``), s_ab = z_a·z_b/τ,
 W_ab = K(y_a − y_b)::
 
     L = (1/N) · Σ_a −(τ/τ₀) · Σ_{k≠a} [W_ak / Σ_{t≠a} W_at] · (num_ak − log D_a)
@@ -20,15 +20,14 @@ W must not exceed 1 (1 − W < 0 would turn repulsion into attraction): the ``ga
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from brainage_core.errors import LossError
+from brainage_core.loss_registry import METHODS, MIN_EXPW_GAUSSIAN_SIGMA
 from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss
 from brainage_core.losses.kernels import AgeKernel
 
-EXPW_FORMS: tuple[str, ...] = ("reference", "paper")
+EXPW_FORMS: tuple[str, ...] = METHODS["expw"].forms
 
 
 class ExpWLoss(KernelWeightedLoss):
@@ -53,7 +52,7 @@ class ExpWLoss(KernelWeightedLoss):
             raise LossError(f"parameter 'form' of expw must be one of {', '.join(EXPW_FORMS)}, got {form!r}")
         if kernel.value_at_zero > 1.0:
             raise LossError(
-                f"parameter 'sigma' of the gaussian kernel must be ≥ 1/√(2π) ≈ {1 / math.sqrt(2 * math.pi):.4f} "
+                f"parameter 'sigma' of the gaussian kernel must be ≥ 1/√(2π) ≈ {MIN_EXPW_GAUSSIAN_SIGMA:.4f} "
                 f"for expw (K(0) ≤ 1, else 1 − W < 0 turns repulsion into attraction), got {kernel.sigma!r}"
             )
         self.form = form

@@ -1,4 +1,4 @@
-"""Age kernels K(d) of the kernel-weighted contrastive losses (``../shared/docs/losses.md``).
+"""Age kernels K(d) of the kernel-weighted contrastive losses (``docs/losses.md``).
 
 ``d`` is an age difference in years; every kernel is symmetric and decreasing in ``|d|``:
 
@@ -21,8 +21,7 @@ import math
 import torch
 
 from brainage_core.errors import LossError
-
-KERNELS: tuple[str, ...] = ("gaussian", "rbf", "cauchy")
+from brainage_core.loss_registry import KERNELS
 
 
 def check_positive(name: str, value: float) -> float:

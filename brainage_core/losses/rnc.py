@@ -2,7 +2,7 @@
 regression", NeurIPS 2023) — beyond the seed paper.
 
 Applied to unnormalised features (no unit-norm check). Similarity is the negative L2 distance and
-d_ab = |y_a − y_b| the label distance (``../shared/docs/losses.md``)::
+d_ab = |y_a − y_b| the label distance (``docs/losses.md``)::
 
     s_ab = −‖z_a − z_b‖₂ / τ        (τ = 2 by default)
     L = −(1/(N(N−1))) · Σ_a Σ_{k≠a} log [ exp(s_ak) / Σ_{j≠a, d_aj ≥ d_ak} exp(s_aj) ]

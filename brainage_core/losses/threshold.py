@@ -2,7 +2,7 @@
 
 Seed paper: Barbano et al., "Contrastive learning for regression in multi-site brain age prediction",
 IEEE ISBI 2023 (losses L^thr and L^exp). The common kernel-weighted form
-(``../shared/docs/losses.md``), s_ab = z_a·z_b/τ, W_ab = K(y_a − y_b)::
+(``docs/losses.md``), s_ab = z_a·z_b/τ, W_ab = K(y_a − y_b)::
 
     L = (1/N) · Σ_a −(τ/τ₀) · Σ_{k≠a} [W_ak / Σ_{t≠a} W_at] · (s_ak − log D_ak)
 
@@ -31,12 +31,12 @@ import math
 import torch
 
 from brainage_core.errors import LossError
+from brainage_core.loss_registry import DELTA_REDUCTIONS, METHODS
 from brainage_core.losses.common import ContrastiveBatch, KernelWeightedLoss
 from brainage_core.losses.kernels import AgeKernel
 from brainage_core.losses.ranking import ranked_log_denominators, tie_group_bounds
 
-THRESHOLD_FORMS: tuple[str, ...] = ("reference", "paper")
-DELTA_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+THRESHOLD_FORMS: tuple[str, ...] = METHODS["threshold"].forms
 
 
 class ThresholdLoss(KernelWeightedLoss):

@@ -1,7 +1,7 @@
 """y-Aware InfoNCE and its binned special case, supervised contrastive (SupCon).
 
 y-Aware InfoNCE (Dufumier et al., "Contrastive learning with continuous proxy meta-data for 3D MRI
-classification", MICCAI 2021), in the common kernel-weighted form of ``../shared/docs/losses.md``::
+classification", MICCAI 2021), in the common kernel-weighted form of ``docs/losses.md``::
 
     L = (1/N) · Σ_a −(τ/τ₀) · Σ_{k≠a} [W_ak / Σ_{t≠a} W_at] · (s_ak − log D_a),
     D_a = Σ_{j≠a} exp(s_aj),   s_ab = z_a·z_b/τ,   W_ab = K(y_a − y_b)

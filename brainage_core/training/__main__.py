@@ -22,7 +22,8 @@ from brainage_core.errors import BrainageError, NonFiniteLossError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m brainage_core.training", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m brainage_core.training", description=__doc__.splitlines()[0],
+        allow_abbrev=False)
     parser.add_argument("config", type=Path, help="experiment YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.sigma=2 training.epochs=5")
     parser.add_argument("--out", type=Path, required=True, help="output folder (metrics.jsonl, checkpoint/)")

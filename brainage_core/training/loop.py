@@ -22,12 +22,9 @@ and a restore of the RNG state, so how often one evaluates never changes the tra
 resumed run restores every RNG state of every rank and reads the same batches, so it continues exactly
 as an uninterrupted run would (on the CPU; CUDA kernels are not all deterministic).
 
-Test-only fault injection (used by the study runner's tests to simulate a dying worker; never set it
-in real runs): with ``BRAINAGE_FAULT_KILL_AT_EPOCH=k`` the process sends itself SIGKILL at the start of
-epoch ``k``; ``BRAINAGE_FAULT_RANK=r`` restricts this to rank ``r``; with
-``BRAINAGE_FAULT_ONCE_FILE=path`` it fires only if ``path`` does not exist, and creates it first (so the
-restarted worker survives). ``BRAINAGE_FAULT_SLOW_EPOCH_S=s`` sleeps ``s`` seconds at the start of every
-epoch (simulates long epochs, e.g. to check that a stopped trial's run is aborted mid-training).
+Epoch-start hooks: every function in :data:`EPOCH_START_HOOKS` (:func:`add_epoch_start_hook`) is called
+as ``hook(epoch, rank)`` at the start of each epoch. The library registers none; the tests supply their
+fault injection (a dying worker, slow epochs) this way (``tests/fault_site/fault_hooks.py``).
 """
 
 from __future__ import annotations
@@ -35,11 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,11 +67,8 @@ from brainage_core.training.schedules import build_optimizer, build_scheduler
 
 log = logging.getLogger("brainage_core.training")
 
-#: environment variables of the test-only fault injection (see the module docstring)
-FAULT_KILL_AT_EPOCH = "BRAINAGE_FAULT_KILL_AT_EPOCH"
-FAULT_RANK = "BRAINAGE_FAULT_RANK"
-FAULT_ONCE_FILE = "BRAINAGE_FAULT_ONCE_FILE"
-FAULT_SLOW_EPOCH_S = "BRAINAGE_FAULT_SLOW_EPOCH_S"
+#: functions called as ``hook(epoch, rank)`` at the start of every epoch (see the module docstring)
+EPOCH_START_HOOKS: list[Callable[[int, int], None]] = []
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -196,27 +187,11 @@ class EvaluationView(torch.nn.Module):
         return self._run(self.model, x)
 
 
-def _maybe_inject_fault(epoch: int, rank: int) -> None:
-    """Test-only: sleep ``BRAINAGE_FAULT_SLOW_EPOCH_S``; SIGKILL this process at the start of epoch
-    ``BRAINAGE_FAULT_KILL_AT_EPOCH``."""
-    slow = os.environ.get(FAULT_SLOW_EPOCH_S)
-    if slow:
-        time.sleep(float(slow))
-    at = os.environ.get(FAULT_KILL_AT_EPOCH)
-    if not at or int(at) != epoch:
-        return
-    only_rank = os.environ.get(FAULT_RANK)
-    if only_rank not in (None, "") and int(only_rank) != rank:
-        return
-    once = os.environ.get(FAULT_ONCE_FILE)
-    if once:
-        once_path = Path(once)
-        if once_path.exists():
-            return
-        once_path.parent.mkdir(parents=True, exist_ok=True)
-        once_path.write_text(f"killed rank {rank} at epoch {epoch}\n")
-    log.warning("fault injection: killing rank %d (pid %d) at the start of epoch %d", rank, os.getpid(), epoch)
-    os.kill(os.getpid(), signal.SIGKILL)
+def add_epoch_start_hook(hook: Callable[[int, int], None]) -> Callable[[], None]:
+    """Call ``hook(epoch, rank)`` at the start of every epoch of every later :func:`train` in this
+    process (epoch 1-based); returns a function that removes it."""
+    EPOCH_START_HOOKS.append(hook)
+    return lambda: EPOCH_START_HOOKS.remove(hook) if hook in EPOCH_START_HOOKS else None
 
 
 def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
@@ -249,7 +224,8 @@ def _format_epoch_line(epochs: int, record: Mapping[str, Any], metrics: Mapping[
                 shown.append(f"{key} {value:.3f}")
         if metrics.get("leaked"):
             shown.append("LEAKED")
-        line += "  | " + "  ".join(shown) + f"  (eval {metrics.get('eval_s', 0.0):.1f} s)"
+        protocol = f", {metrics['protocol']} probes" if metrics.get("protocol") else ""
+        line += "  | " + "  ".join(shown) + f"  (eval {metrics.get('eval_s', 0.0):.1f} s{protocol})"
     return line
 
 
@@ -286,7 +262,8 @@ def train(
       older ones are kept as ``checkpoint-epochNNNN/``).
 
     Metrics: ``epoch`` (completed epochs), ``train_loss`` (mean loss of that epoch over steps and
-    ranks), ``lr`` (of that epoch), the evaluator's ``val_*``/``test_*`` and ``leaked``, ``eval_s``,
+    ranks), ``lr`` (of that epoch), the evaluator's ``val_*``/``test_*``, ``leaked`` and ``protocol``
+    (``evaluation.protocol``, or ``evaluation.final_protocol`` at the last epoch), ``eval_s``,
     ``epoch_s`` and ``wall_s`` (training + evaluation seconds since the start, resumes included).
     Raises :class:`NonFiniteLossError` naming epoch, step and value when a loss is NaN or infinite.
     """
@@ -320,8 +297,8 @@ def train(
     # Built on every rank: it owns the validation split and hence the training rows (per train_on);
     # only rank 0 calls evaluate().
     evaluator = Evaluator(store, cfg.evaluation, train_on=tcfg.train_on, seed=tcfg.seed)
-    if rank == 0:
-        load_estimators()  # only the evaluating rank needs scikit-learn
+    if rank == 0 and "exact" in (cfg.evaluation.protocol, cfg.evaluation.final_protocol):
+        load_estimators()  # only the evaluating rank needs scikit-learn, and only for the exact protocol
     dataset = _training_dataset(store, evaluator.training_rows)
     per_rank = len(dataset) // world_size
     if per_rank < local_batch:
@@ -418,7 +395,8 @@ def train(
     t_start = time.perf_counter()
 
     for epoch in range(start_epoch + 1, tcfg.epochs + 1):
-        _maybe_inject_fault(epoch, rank)
+        for hook in tuple(EPOCH_START_HOOKS):
+            hook(epoch, rank)
         t_epoch = time.perf_counter()
         net.train()
         sampler.set_epoch(epoch)
@@ -436,6 +414,20 @@ def train(
             with _cpu_bf16_guard(device, bf16):
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = net(batch)
+                # Diverged weights give NaN/inf or all-zero embeddings (dead units; a normalised zero vector
+                # stays zero), which the loss would report as a bad input (not L2-normalised); say what
+                # happened instead. The flag is reduced so that every rank stops at the same step.
+                healthy = torch.isfinite(out.detach()).all()
+                if not supervised:
+                    flat = out.detach().float().reshape(out.shape[0], -1)
+                    healthy = healthy & (torch.linalg.vector_norm(flat, dim=1) > 1e-12).all()
+                if all_reduce_mean(healthy.to(torch.float32)).item() < 1.0:
+                    raise NonFiniteLossError(
+                        f"non-finite or degenerate model output (NaN/inf or all-zero embeddings) at epoch {epoch}, "
+                        f"step {step} on rank {rank}: the weights diverged; loss.method={method!r}, "
+                        f"optimizer.lr={cfg.optimizer.lr:g}: expected a finite loss (lower the learning rate, "
+                        "enable training.grad_clip or check the data)"
+                    )
                 if supervised:
                     loss = loss_fn(out.float(), y)
                 else:
@@ -477,7 +469,9 @@ def train(
         if rank == 0:
             t_eval = time.perf_counter()
             view = EvaluationView(unwrap_model(net), augment, bf16=bf16, memory_format=memory_format)
-            evaluation = evaluator.evaluate(view, device)
+            # the run's last evaluation is its result: scored with evaluation.final_protocol
+            protocol = cfg.evaluation.final_protocol if epoch == tcfg.epochs else cfg.evaluation.protocol
+            evaluation = evaluator.evaluate(view, device, protocol=protocol)
             net.train()
             eval_s = time.perf_counter() - t_eval
             metrics = json_safe(
@@ -535,17 +529,10 @@ def _save_latest(state: Mapping[str, Any], out_dir: Path, keep: int) -> Path:
     return folder
 
 
-def _warn_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
+def _warn_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Log the keys whose value differs between the checkpoint's config and this run's."""
-    changed = []
+    from brainage_core.config import config_differences
 
-    def walk(a: Any, b: Any, path: str) -> None:
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
-            changed.append(f"{path}: {a!r} -> {b!r}")
-
-    walk(saved, current, prefix)
+    changed = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(saved, current, close_floats=True)]
     if changed:
         log.warning("resuming with a changed configuration: %s", "; ".join(changed))
