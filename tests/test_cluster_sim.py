@@ -94,7 +94,8 @@ def test_curves_rank_configurations(monkeypatch):
 def test_small_simulated_cluster(tmp_path):
     """8 fake GPUs, 20 trials of 2-GPU DDP through study.run: every trial's rows reach results.parquet and
     the GPUs stay held by running trials while trials remain. Each DDP trial starts ~5 processes (its Train
-    controller, workers, queue...): a few minutes on 2 quiet cores, far longer on a loaded machine."""
+    controller, workers, queue...), each importing torch: slow on 2 cores (under a load of ~70 it had not
+    finished after 11 minutes, docs/cluster-sim.md)."""
     out = tmp_path / "sim.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
