@@ -318,9 +318,15 @@ def combine(paths: Sequence[Path], reference: str, argv: Sequence[str]) -> dict[
     budget_keys = ("trials", "epochs", "seeds", "objective", "searcher", "overrides")
     merged = {**first, "losses": {}, "parts": [], "command": "python bench/loss_benchmark.py "
               + " ".join(shlex.quote(a) for a in argv)}
+    def comparable(report: dict[str, Any], key: str) -> Any:
+        value = report.get(key)
+        if key == "model" and isinstance(value, dict):  # the head (and its feature) follow the loss
+            value = {k: v for k, v in value.items() if k not in ("head", "feature")}
+        return value
+
     for path, part in parts:
         for key in same:
-            if part.get(key) != first.get(key):
+            if comparable(part, key) != comparable(first, key):
                 raise DataError(f"{path}: its {key} differs from {first_path}'s: expected runs on one cohort and model")
         for key in budget_keys:
             if part["budget"].get(key) != first["budget"].get(key):
