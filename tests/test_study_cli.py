@@ -102,7 +102,9 @@ def test_unwritable_study_folder_mid_run_stops_the_study_without_a_traceback(tmp
     try:
         assert not stopper.stop_all()
         callback.on_trial_error(0, [], SimpleNamespace(trial_id="t1"))  # no exception escapes into Tune
+        # the checkpoint path waits for the trial's next write (no table rewrite of its own)
         callback.on_checkpoint(0, [], SimpleNamespace(trial_id="t1"), SimpleNamespace(path="/ckpt", filesystem=None))
+        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))  # that write fails too, still no raise
         assert stopper.stop_all() and len(run_module.WRITE_ERRORS) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write the study folder (Permission denied" in err[0]
