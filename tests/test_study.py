@@ -211,10 +211,9 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def test_doomed_study_fails_fast_on_a_loopback_ray_with_train_state(ray_address, cache, tmp_path):
+def test_doomed_study_fails_fast_on_a_loopback_ray(ray_address, cache, tmp_path):
     """Issue 12, cases 6, 10 and 11 with one study: optimizer.lr=1e6 makes every DDP trial diverge. It used to
     be retried 12 times (Tune x Train), print `done: .../results.parquet` (never written) and exit 0."""
-    import urllib.request
 
 
     proc = run_study(ray_address, cache, tmp_path, "--name", "doomed", "optimizer.lr=1e6")
@@ -235,15 +234,31 @@ def test_doomed_study_fails_fast_on_a_loopback_ray_with_train_state(ray_address,
     assert mine, "no listener of this Ray found"
     assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in mine), mine
 
-    # case 11: the Train state API lists the DDP trials' runs with their attempts and workers
+
+@pytest.mark.xfail(strict=True, raises=TimeoutError,
+                   reason="issue 12 case 11, open: on a Ray whose node address is 127.0.0.1 (case 10) the dashboard's "
+                          "Train V2 runs endpoint never answers (it answers in ~3 s on a Ray started by a plain "
+                          "ray.init); strict, so this fails loudly once a fix makes it answer")
+def test_train_state_api_lists_runs_on_the_loopback_ray(ray_address, tmp_path):
+    """Issue 12, case 11: with RAY_TRAIN_ENABLE_STATE_TRACKING=1 the dashboard lists Train runs, attempts, workers."""
+    import urllib.request
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def report_once(_config):
+        import ray.train
+
+        ray.train.report({"epoch": 1})
+
+    TorchTrainer(report_once, scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(name="trial_state_api", storage_path=str(tmp_path))).fit()
     url = compat.joined_dashboard_url()
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     token = os.environ.get("RAY_AUTH_TOKEN") or (token_file.read_text().strip() if token_file.exists() else "")
     request = urllib.request.Request(f"http://{url}/api/train/v2/runs/v1",  # Train V2's runs
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
-    body = json.loads(urllib.request.urlopen(request, timeout=30).read())
-    runs = body["train_runs"]
-    names = {r.get("name") for r in runs}
-    assert any(str(n).startswith("trial_") for n in names), body
-    run = next(r for r in runs if str(r.get("name")).startswith("trial_"))
-    assert run.get("attempts") and run["attempts"][0].get("workers"), run
+    body = json.loads(urllib.request.urlopen(request, timeout=20).read())
+    runs = [r for r in body["train_runs"] if str(r.get("name")).startswith("trial_")]
+    assert runs, body
+    assert runs[0].get("attempts") and runs[0]["attempts"][0].get("workers"), runs[0]
