@@ -128,12 +128,10 @@ def standin_train(config: Any, out_dir: str | Path, *, callback: Any = None, ran
         out_dir.mkdir(parents=True, exist_ok=True)
         _event(out_dir, "start", epoch=done, gpus=world_size)
     if os.environ.get(EVENTS_ENV):  # which node each rank runs on (a DDP trial split over nodes)
-        try:
-            import ray
+        import ray
 
-            node = ray.get_runtime_context().get_node_id()
-        except Exception:  # noqa: BLE001 - outside Ray (unit tests)
-            node = None
+        # ray.get_runtime_context() would start a local Ray in a process that has none (unit tests)
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         _event(out_dir, "rank", rank=rank, node=node)
     if done >= epochs and last is not None:
         if callback is not None:
