@@ -373,3 +373,13 @@ def test_the_validation_engine_on_a_schema_of_its_own():
     with pytest.raises(ConfigError, match=r"^x = inf is not finite: expected a number$"):
         v.scalar(float("inf"), float, "x")
 
+
+
+def test_one_did_you_mean_helper_for_all_validation():
+    """The closest-key suggestion is computed in one place (brainage_core/config/validate.py)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(root)) for folder in ("brainage_core", "study", "analysis", "bench")
+                   for p in (root / folder).rglob("*.py") if "get_close_matches" in p.read_text(encoding="utf-8"))
+    assert users == ["brainage_core/config/validate.py"]
