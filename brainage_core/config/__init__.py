@@ -56,6 +56,8 @@ from brainage_core.config.schema import (
 from brainage_core.config.tree import config_differences, plain_copy
 from brainage_core.config.validate import FieldInfo
 
+# the public names (schema.py has no __all__ of its own: this is the one list); split_override,
+# override_value and set_dotted stay in their modules (helpers of study/space)
 __all__ = [
     "plain_copy",
     "config_differences",

@@ -19,31 +19,7 @@ from typing import Any
 from brainage_core import loss_registry
 from brainage_core.config.validate import FieldInfo, check, lookup, section, setting
 
-__all__ = [
-    "BACKBONES",
-    "HEADS",
-    "LOSS_METHODS",
-    "CONTRASTIVE_LOSS_METHODS",
-    "SUPERVISED_LOSS_METHODS",
-    "KERNEL_METHODS",
-    "FORM_METHODS",
-    "KERNELS",
-    "GRIDS",
-    "PROBE_PROTOCOLS",
-    "SyntheticConfig",
-    "DataConfig",
-    "ModelConfig",
-    "LossConfig",
-    "OptimizerConfig",
-    "ScheduleConfig",
-    "AugmentConfig",
-    "TrainingConfig",
-    "EvaluationConfig",
-    "ExperimentConfig",
-    "field_type",
-    "field_info",
-    "check_value",
-]
+# (the public names are listed once, in brainage_core/config/__init__.py)
 
 # The model names mirror brainage_core.models (the config must be usable, and its errors precise,
 # without importing torch); tests check that they agree. The loss methods and their parameters come

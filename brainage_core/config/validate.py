@@ -268,14 +268,11 @@ def scalar(
     source: str | None = None,
     *,
     optional: bool = False,
-    choices: Sequence[Any] | None = None,
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
+    **constraints: Any,
 ) -> Any:
-    """One value checked as if it were a schema key ``key`` of type ``type_`` with these constraints."""
-    info = FieldInfo(key=key, type=type_, optional=optional, default=None, **_constraints(choices, gt, ge, lt, le))
+    """One value checked as if it were a schema key ``key`` of type ``type_`` with ``constraints``
+    (``choices``, ``gt``, ``ge``, ``lt``, ``le``, as for :func:`setting`)."""
+    info = FieldInfo(key=key, type=type_, optional=optional, default=None, **_constraints(**constraints))
     return check(info, value, key, source)
 
 
