@@ -204,3 +204,15 @@ def test_study_and_final_read_the_vocabulary():
 
     assert space.VALIDATION_METRICS is metrics.VALIDATION_METRICS
     assert final.TEST_METRICS is metrics.TEST_METRICS
+
+
+def test_validating_a_space_loads_neither_torch_nor_ray():
+    """brainage_core/config/ and study/space/ validate a YAML with no heavy import (loss_registry.py's contract)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from study.space import load_search_space; "
+            f"load_search_space({str(SPACES / 'all.yaml')!r}, expand_env=False); "
+            "print(sorted(m for m in ('torch', 'ray', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
