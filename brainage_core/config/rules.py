@@ -76,9 +76,10 @@ def _check_loss(cfg: ExperimentConfig, where: str) -> None:
         raise ConfigError(f"{where}loss.form = '{loss.form}': only loss.method {form_methods} has a form, "
                           f"not '{loss.method}': expected null")
     if loss.threshold_margin != 0.0 and not loss_registry.margin_applies(loss.method, loss.form):
+        takers = " or ".join(f"'{m.name}' with loss.form '{m.margin_form}'"
+                             for m in loss_registry.METHODS.values() if m.margin_form is not None)
         raise ConfigError(f"{where}loss.threshold_margin = {loss.threshold_margin:g}: a margin applies only to "
-                          f"loss.method 'threshold' with loss.form 'paper' (found method '{loss.method}', form "
-                          f"{loss.form!r}): expected 0")
+                          f"loss.method {takers} (found method '{loss.method}', form {loss.form!r}): expected 0")
     if loss.method == "expw" and loss.kernel == "gaussian" and loss.sigma < loss_registry.MIN_EXPW_GAUSSIAN_SIGMA:
         raise ConfigError(f"{where}loss.sigma = {loss.sigma:g}: the gaussian kernel exceeds 1 at d = 0 when sigma < "
                           f"{loss_registry.MIN_EXPW_GAUSSIAN_SIGMA:.4f}, which turns expw's repulsion into "
@@ -89,9 +90,10 @@ def _check_model(cfg: ExperimentConfig, where: str) -> None:
     method = cfg.loss.method
     expected_head = "regression" if loss_registry.method_info(method).kind == "supervised" else "contrastive"
     if cfg.model.head != expected_head:
+        supervised = "/".join(loss_registry.SUPERVISED_METHODS)
         raise ConfigError(f"{where}model.head = '{cfg.model.head}': loss.method '{method}' needs model.head "
-                          f"'{expected_head}' (l1/mse train a regression head, the contrastive losses a projection "
-                          f"head)")
+                          f"'{expected_head}' ({supervised} train a regression head, the contrastive losses a "
+                          f"projection head)")
     if cfg.model.backbone == "densenet121" and cfg.model.base_width % 2:
         raise ConfigError(f"{where}model.base_width = {cfg.model.base_width}: densenet121 needs an even base_width "
                           f"(growth rate = base_width / 2)")
