@@ -1,7 +1,8 @@
 """The loss methods and the parameters each one takes: the one list the project reads.
 
-``brainage_core/config.py`` validates ``loss.*`` against it, ``brainage_core.losses.build_loss`` and the
-loss classes check their arguments against it, and the search spaces (through the config) inherit it.
+``brainage_core/config/`` validates ``loss.*`` against it (``schema.py``, ``rules.py``),
+``brainage_core.losses.build_loss`` and the loss classes check their arguments against it, and the
+search spaces (through the config) inherit it.
 The math of each method is in ``docs/losses.md`` and its family module under ``brainage_core/losses/``.
 
 This module sits beside the ``losses`` package rather than inside it because it must import without

@@ -22,6 +22,7 @@ from brainage_core.config import (
     field_info,
     field_type,
     load_config,
+    validate,
 )
 from brainage_core.errors import ConfigError, LossError
 
@@ -331,3 +332,54 @@ def test_config_differences_names_every_changed_leaf():
                                         ("loss.sigma", 1.0, 1.0 + 1e-12), ("new", None, {"x": 2})]
     assert [k for k, _, _ in config_differences(a, b, close_floats=True)] == ["gone", "loss.method", "new"]
     assert config_differences(a, a) == []
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    rate: float = validate.setting(0.5, gt=0.0, le=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    count: int = validate.setting(ge=1)  # required
+    kind: str = validate.setting("a", choices=("alpha", "beta", "a"))
+    inner: Inner | None = validate.setting(None)
+    flag: bool = validate.setting(False)
+
+
+def test_the_validation_engine_on_a_schema_of_its_own():
+    """brainage_core.config.validate knows nothing of the experiment: any dataclass tree is a schema
+    (the search spaces' study block is one)."""
+    v = validate
+    out = v.build(Outer, {"count": 2, "inner": {"rate": "1e-1"}}, "top.", "f.yaml")
+    assert out == Outer(count=2, inner=Inner(rate=0.1))
+    cases = [
+        ({}, "f.yaml: top.count: missing: expected an integer >= 1"),
+        ({"count": 0}, "f.yaml: top.count = 0 is out of range: expected an integer >= 1"),
+        ({"count": 1, "kind": "alpah"},
+         "f.yaml: top.kind = 'alpah': expected one of alpha, beta, a; did you mean 'alpha'?"),
+        ({"count": 1, "inner": {"rat": 1}}, "f.yaml: unknown key 'top.inner.rat'; did you mean 'top.inner.rate'? "
+                                            "(valid keys of top.inner: rate)"),
+        ({"count": 1, "inner": {"rate": 2}},
+         "f.yaml: top.inner.rate = 2 is out of range: expected a number > 0 and <= 1"),
+        ({"count": 1, "flag": 1}, "f.yaml: top.flag = 1: expected true or false"),
+    ]
+    for d, message in cases:
+        with pytest.raises(ConfigError) as err:
+            v.build(Outer, d, "top.", "f.yaml")
+        assert str(err.value) == message
+    assert v.lookup(Outer, "inner.rate").le == 1.0 and v.lookup(Outer, "count").required
+    assert v.scalar("3", float, "x", gt=0) == 3.0
+    with pytest.raises(ConfigError, match=r"^x = inf is not finite: expected a number$"):
+        v.scalar(float("inf"), float, "x")
+
+
+
+def test_one_did_you_mean_helper_for_all_validation():
+    """The closest-key suggestion is computed in one place (brainage_core/config/validate.py)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(root)) for folder in ("brainage_core", "study", "analysis", "bench")
+                   for p in (root / folder).rglob("*.py") if "get_close_matches" in p.read_text(encoding="utf-8"))
+    assert users == ["brainage_core/config/validate.py"]

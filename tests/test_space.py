@@ -140,18 +140,27 @@ def test_study_overrides_on_the_command_line():
         ({"search": {"loss.method": {"choice": ["yaware", "l1"]}, "loss.kernel": {"choice": ["rbf", "cauchy"]}}},
          "loss.method 'l1' takes no kernel"),
         ({"study__num_samples": KeyError}, "study.num_samples: missing"),
-        ({"study__num_samples": 0}, "num_samples = 0: expected an integer >= 1"),
-        ({"study__num_sample": 3}, "study.num_sample: unknown key; did you mean 'study.num_samples'"),
+        ({"study__num_samples": 0}, "study.num_samples = 0 is out of range: expected an integer >= 1"),
+        ({"study__num_sample": 3}, "unknown key 'study.num_sample'; did you mean 'study.num_samples'"),
         ({"study__searcher": "bayes"}, "study.searcher = 'bayes'"),
         ({"study__objective": "test_mae_ext"}, "test metrics are never optimised"),
         ({"study__objective": "val_mea_ext"}, "did you mean 'val_mae_ext'"),
         ({"study__mode": "max"}, "lower is better"),
         ({"study__asha": {"grace_period": 3}}, "grace_period = 3: expected a multiple of evaluation.eval_every"),
         ({"study__asha": {"grace_period": 6}}, r"<= training.epochs \(4\)"),
-        ({"study__asha": {"grace": 2}}, "study.asha.grace: unknown key"),
+        ({"study__asha": {"grace": 2}}, "unknown key 'study.asha.grace'"),
         ({"study__resources": {"num_workers": "two"}}, "num_workers = 'two': expected an integer"),
         ({"study__resources": {"use_gpu": "yes"}}, "use_gpu = 'yes': expected true or false"),
-        ({"study__resources": {"cpus_per_worker": 0}}, "cpus_per_worker = 0: expected a number > 0"),
+        ({"study__resources": {"cpus_per_worker": 0}}, "cpus_per_worker = 0 is out of range: expected a number > 0"),
+        ({"study__asha": {"grace_period": 2, "brackets": 0}}, "study.asha.brackets = 0 is out of range"),
+        ({"study__asha": {"grace_period": 2, "reduction_factor": 1}},
+         "reduction_factor = 1 is out of range: expected a number > 1"),
+        ({"study__asha": 3}, "study.asha = 3: expected a mapping with keys grace_period"),
+        ({"study__asha": {"reduction_factor": 2}}, "study.asha.grace_period: missing"),
+        ({"study__seed": -1}, "study.seed = -1 is out of range: expected an integer >= 0"),
+        ({"study__max_failures": "x"}, "study.max_failures = 'x': expected an integer >= 0"),
+        ({"study__modes": ["min"]}, "study.modes: only for a multi-objective study"),
+        ({"study__resources": {"gpus": 1}}, "unknown key 'study.resources.gpus'"),
         ({"training__epochs": 5}, "training.epochs = 5: expected a multiple of evaluation.eval_every"),
         ({"training__train_on": "all"}, "expected train_minus_val"),
         ({"study__searcher": "grid"}, "grid searcher takes choice, int"),
@@ -169,6 +178,21 @@ def test_malformed_spaces_give_one_clear_error(tmp_path, changes, message):
     assert "\n" not in str(info.value)
 
 
+def test_study_block_defaults_and_overrides_go_through_the_engine():
+    d = space_with(study={"num_samples": 2, "asha": None, "resources": None})
+    st = parse_search_space(d, source="s.yaml").study
+    assert st.asha is None and (st.resources.num_workers, st.resources.use_gpu, st.resources.cpus_per_worker) == (
+        1, False, 1.0)
+    st = parse_search_space(BASE, source="s.yaml", overrides=["study.asha.reduction_factor=2",
+                                                             "study.resources.cpus_per_worker=2"]).study
+    assert st.asha.reduction_factor == 2.0 and isinstance(st.asha.reduction_factor, float)
+    assert st.resources.cpus_per_worker == 2.0 and isinstance(st.resources.cpus_per_worker, float)
+    with pytest.raises(ConfigError, match=r"s.yaml: study.asha.brackets = 0 is out of range"):
+        parse_search_space(BASE, source="s.yaml", overrides=["study.asha.brackets=0"])
+    with pytest.raises(ConfigError, match="not a dotted path"):
+        parse_search_space(BASE, source="s.yaml", overrides=["study..seed=1"])
+
+
 def test_search_block_cannot_be_overridden():
     with pytest.raises(ConfigError, match="search block cannot be overridden"):
         parse_search_space(BASE, source="s.yaml", overrides=["search.loss.temperature=1"])
@@ -180,3 +204,15 @@ def test_study_and_final_read_the_vocabulary():
 
     assert space.VALIDATION_METRICS is metrics.VALIDATION_METRICS
     assert final.TEST_METRICS is metrics.TEST_METRICS
+
+
+def test_validating_a_space_loads_neither_torch_nor_ray():
+    """brainage_core/config/ and study/space/ validate a YAML with no heavy import (loss_registry.py's contract)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from study.space import load_search_space; "
+            f"load_search_space({str(SPACES / 'all.yaml')!r}, expand_env=False); "
+            "print(sorted(m for m in ('torch', 'ray', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
