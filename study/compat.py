@@ -90,7 +90,7 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
     PrivateSymbol("optuna.trial._trial", "Trial.__init__:_trial_id", "instance attribute", "study/searcher.py",
                   "the storage id, to read a live trial's intermediate values"),
     PrivateSymbol("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "import", "study/ray_runtime.py",
-                  "cleared during ray.init so that a local Ray binds its loopback node address only"),
+                  "cleared during ray.init so that a local Ray keeps 127.0.0.1 as its node address"),
     PrivateSymbol("ray.train.v2._internal.exceptions", "UserExceptionWithTraceback", "import",
                   "tests/test_study_failures.py", "the wrapper Train puts around a worker's exception"),
     PrivateSymbol("ray._private.authentication.authentication_token_setup", "_enable_token_auth", "import",
@@ -210,7 +210,7 @@ def joined_dashboard_url() -> str | None:
 @contextlib.contextmanager
 def loopback_node() -> Iterator[None]:
     """While inside: Ray treats this machine as no cluster (``ENABLE_RAY_CLUSTER`` off), so that a Ray
-    started with a loopback ``_node_ip_address`` binds that address, not every interface, for every listener."""
+    started with ``_node_ip_address="127.0.0.1"`` keeps that address for every listener."""
     from ray._private import ray_constants
 
     before = ray_constants.ENABLE_RAY_CLUSTER

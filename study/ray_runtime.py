@@ -5,16 +5,15 @@
 - Otherwise a local Ray is started with ``num_cpus = max(cpu count, CPUs one wave of trials needs)``:
   a logical over-commit, because each trial process needs 1 CPU besides its Train workers, which
   would otherwise leave 2 DDP workers unschedulable on a 2-core machine (see ray-notes.md).
-- A local Ray listens on loopback only (:func:`local_ray_init`): its node address is
-  :data:`LOOPBACK_NODE` (127.0.0.2, on the loopback network 127.0.0.0/8), so that the GCS, raylet, object
-  manager, dashboard agent and metrics servers bind loopback instead of every interface. Two Ray 2.60
-  behaviours shape this: Ray binds every interface unless it is told the machine is no cluster (Ray's
-  private ``ENABLE_RAY_CLUSTER`` constant, cleared during ``ray.init`` by
-  :func:`study.compat.loopback_node`); and every process that later connects to the cluster by its
-  address (the dashboard's Train module does, for the Train state API) rewrites "127.0.0.1" and
-  "localhost" to the host's public address, where nothing listens, so that connection hangs (issue 12,
-  case 11). Any other loopback address is kept as it is. Where 127.0.0.2 cannot be bound (macOS
-  configures only 127.0.0.1), 127.0.0.1 is used and the Train state API does not answer.
+- A local Ray listens on loopback only (:func:`local_ray_init`): its node address is 127.0.0.1, so that
+  the GCS, raylet, object manager, dashboard agent and metrics servers bind 127.0.0.1 instead of every
+  interface. Ray 2.60 on Linux resolves "127.0.0.1" to the host's public address in every process that
+  believes the machine may be a cluster; for a local study none should: in this process Ray's private
+  ``ENABLE_RAY_CLUSTER`` constant is cleared during ``ray.init`` (:func:`study.compat.loopback_node`), and
+  every process the new Ray starts (its dashboard and the dashboard's modules, the raylet and its workers)
+  inherits ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (:data:`NO_CLUSTER_ENV`, the variable that constant is
+  read from). Without the latter the dashboard's Train module connected to the host's public address,
+  where nothing listens, and the Train state API never answered (issue 12, case 11).
   Clusters keep their own addresses. A start whose node does not register within Ray's fixed 30 s (a
   loaded machine, the agents of a SIGKILLed study's Ray still exiting) is tried again, up to
   :data:`START_ATTEMPTS` times.
@@ -29,12 +28,12 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import math
 import os
-import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +43,11 @@ from study import compat
 from study.space import Resources
 
 __all__ = ["RayInfo", "auth_token_location", "cpus_per_trial", "local_ray_init", "start_ray", "DEFAULT_ENV",
-           "LOOPBACK_NODE", "loopback_node_address"]
+           "LOOPBACK", "NO_CLUSTER_ENV"]
 
-#: the node address of a local Ray: loopback, but not the "127.0.0.1" that Ray rewrites (module docstring)
-LOOPBACK_NODE = "127.0.0.2"
+LOOPBACK = "127.0.0.1"
+#: the environment of a local Ray's processes: "this machine is no cluster" (see the module docstring)
+NO_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 #: tries of a local ray.init whose node times out during startup (Ray waits a fixed 30 s for its raylet)
 START_ATTEMPTS = 3
 
@@ -80,33 +80,37 @@ def _is_loopback_address(address: str) -> bool:
 
 
 def _loopback_node():
-    """During ``ray.init``: Ray treats this machine as no cluster, so that it binds its node's address only."""
+    """During ``ray.init``: Ray treats this machine as no cluster, so that 127.0.0.1 stays its address."""
     return compat.loopback_node()
 
 
-@functools.cache
-def loopback_node_address() -> str:
-    """:data:`LOOPBACK_NODE` where this machine can bind it (Linux: all of 127.0.0.0/8), else 127.0.0.1."""
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """While inside: ``os.environ`` also holds ``values`` (the processes started meanwhile inherit them)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((LOOPBACK_NODE, 0))
-    except OSError:
-        return "127.0.0.1"
-    return LOOPBACK_NODE
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def local_ray_init(**kwargs) -> object:
-    """``ray.init(**kwargs)`` of a new single-machine Ray that listens on loopback only (see the module
+    """``ray.init(**kwargs)`` of a new single-machine Ray that listens on 127.0.0.1 only (see the module
     docstring), with :data:`DEFAULT_ENV` set (when unset) so that its processes inherit it."""
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     address_before = os.environ.get("RAY_ADDRESS")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            with _loopback_node():
+            with _loopback_node(), _environment(NO_CLUSTER_ENV):
                 # address "local": a new Ray even when `ray start` left a cluster on this machine
                 # (/tmp/ray/ray_current_cluster), which ray.init() would join and then refuse num_cpus
-                return ray.init(_node_ip_address=loopback_node_address(), **{"address": "local", **kwargs})
+                return ray.init(_node_ip_address=LOOPBACK, **{"address": "local", **kwargs})
         except Exception as exc:  # Ray raises a bare Exception when its raylet does not register in 30 s
             if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
                 raise
@@ -172,10 +176,10 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
         url = compat.joined_dashboard_url()  # the dashboard of the Ray this process already joined
         return RayInfo(_url(url), False, ray.cluster_resources().get("CPU", 0.0), auth_token_location())
     if address:
-        if _is_loopback_address(address):  # a Ray started by local_ray_init: its node's address is loopback
+        if _is_loopback_address(address):  # a Ray started by local_ray_init: its node's address is 127.0.0.1
             with _loopback_node():
                 context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env,
-                                   _node_ip_address=address.split("://", 1)[-1].rsplit(":", 1)[0])
+                                   _node_ip_address=LOOPBACK)
         else:
             context = ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return RayInfo(_url(context.dashboard_url), False, ray.cluster_resources().get("CPU", 0.0),

@@ -232,13 +232,13 @@ def test_doomed_study_fails_fast_on_a_loopback_ray(ray_address, cache, tmp_path)
                                                          check=True).stdout.splitlines()]
     mine = [f[3] for f in listeners if any(f"pid={p}," in f[-1] for p in ours)]
     assert mine, "no listener of this Ray found"
-    assert all(a.startswith(("127.", "[::ffff:127.", "[::1]:")) for a in mine), mine
+    assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in mine), mine
 
 
 def test_train_state_api_lists_runs_on_the_loopback_ray(ray_address, tmp_path):
     """Issue 12, case 11: with RAY_TRAIN_ENABLE_STATE_TRACKING=1 the dashboard lists Train runs, attempts, workers
-    on a loopback-only Ray (its node address is 127.0.0.2: a node address of 127.0.0.1 made the endpoint hang,
-    because the dashboard's own connection rewrote it to the host's public address)."""
+    on a loopback-only Ray (the endpoint used to hang there: the dashboard's own connection to the cluster
+    rewrote 127.0.0.1 to the host's public address, until the Ray's processes were told it is no cluster)."""
     import urllib.request
 
     from ray.train import RunConfig, ScalingConfig
