@@ -95,12 +95,53 @@ def _guard_writes(method):
     return guarded
 
 
+class _OptunaSnapshots:
+    """The callback's Optuna snapshots: on clusters and object stores, the driver-local sqlite copied
+    into the study folder (``optuna_copy``: (sqlite the study writes, where its snapshot goes), or None)."""
+
+    optuna_copy: tuple[str, str] | None
+
+    def sync_optuna(self) -> None:
+        if self.optuna_copy:
+            from study.cluster import copy_sqlite
+
+            copy_sqlite(*self.optuna_copy)
+
+
+class _ProgressLines:
+    """The callback's progress output: one line per result and, at most every
+    :data:`~study.progress.PROGRESS_TABLE_EVERY_S`, the progress table (whole at the end)."""
+
+    space: SearchSpace
+    table: Any
+    started: float
+    table_printed: float
+
+    def print_result(self, trial: Any, result: dict) -> None:
+        st = self.space.study
+        best = best_trial(self.table.rows.values(), st.objective, st.mode)
+        print(f"[study] trial {trial.trial_id} epoch {result['epoch']}/{self.space.config.training.epochs} "
+              f"{st.objective}={fmt(result.get(st.objective))} | best {fmt(best[1])} (trial {best[0]}) | "
+              f"{len(self.table)} rows, {time.time() - self.started:.0f} s", flush=True)
+
+    def print_table(self, trials: list, *, final: bool = False) -> None:
+        # every PROGRESS_TABLE_EVERY_S at most, the best PROGRESS_TABLE_ROWS: printed at every trial end,
+        # the whole table made a 500-trial study's driver spend a quarter of its time on it
+        # (bench/cluster_sim.py) and wrote O(trials^2) lines to its log
+        now = time.time()
+        if not final and now - self.table_printed < PROGRESS_TABLE_EVERY_S:
+            return
+        self.table_printed = now
+        print(progress_table(self.table.frame(), self.space, max_rows=None if final else PROGRESS_TABLE_ROWS),
+              flush=True)
+
+
 def _make_callback_class():
     from ray.tune import Callback
 
-    class StudyCallbackImpl(Callback):
-        """Driver-side: results.parquet rows, trial statuses, the progress table, Optuna snapshots, the
-        after-result hooks.
+    class StudyCallbackImpl(_ProgressLines, _OptunaSnapshots, Callback):
+        """Driver-side: results.parquet rows, trial statuses, the after-result hooks; the progress lines
+        and the Optuna snapshots come from :class:`_ProgressLines` and :class:`_OptunaSnapshots`.
 
         Holds only picklable settings (Tune pickles callbacks into its experiment); the table and the
         static columns are (re)built in ``setup``, so a restored study continues the existing file.
@@ -177,34 +218,6 @@ def _make_callback_class():
             if self.table is not None and len(self.table):
                 self.table.flush()
                 self.print_table(trials, final=True)
-
-        # -- Optuna snapshots ------------------------------------------------------------------------
-
-        def sync_optuna(self) -> None:
-            if self.optuna_copy:
-                from study.cluster import copy_sqlite
-
-                copy_sqlite(*self.optuna_copy)
-
-        # -- progress --------------------------------------------------------------------------------
-
-        def print_result(self, trial: Any, result: dict) -> None:
-            st = self.space.study
-            best = best_trial(self.table.rows.values(), st.objective, st.mode)
-            print(f"[study] trial {trial.trial_id} epoch {result['epoch']}/{self.space.config.training.epochs} "
-                  f"{st.objective}={fmt(result.get(st.objective))} | best {fmt(best[1])} (trial {best[0]}) | "
-                  f"{len(self.table)} rows, {time.time() - self.started:.0f} s", flush=True)
-
-        def print_table(self, trials: list, *, final: bool = False) -> None:
-            # every PROGRESS_TABLE_EVERY_S at most, the best PROGRESS_TABLE_ROWS: printed at every trial end,
-            # the whole table made a 500-trial study's driver spend a quarter of its time on it
-            # (bench/cluster_sim.py) and wrote O(trials^2) lines to its log
-            now = time.time()
-            if not final and now - self.table_printed < PROGRESS_TABLE_EVERY_S:
-                return
-            self.table_printed = now
-            print(progress_table(self.table.frame(), self.space, max_rows=None if final else PROGRESS_TABLE_ROWS),
-                  flush=True)
 
     return StudyCallbackImpl
 

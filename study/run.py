@@ -38,10 +38,11 @@ the usual environment (AWS_*, GOOGLE_*, GCS_*), forwarded to every trial.
 Multi-objective studies (``study.objectives``) write their Pareto set to ``pareto.csv`` and
 ``pareto.parquet`` (see :func:`study.results.pareto_front`).
 
-Where the pieces live: the driver callback (results.parquet, progress, Optuna snapshots, after-result
-hooks) in :mod:`study.callback`, the progress table in :mod:`study.progress`, how a study fails (error
-registries, the doomed-study stopper, one-line causes) in :mod:`study.failures`; this module opens the
-study, starts Ray, chooses the Optuna storage, builds the Tuner and reports the end.
+Where the pieces live: opening the study (YAML, folder, store; all before Ray) in :mod:`study.opening`,
+the driver callback (results.parquet, progress, Optuna snapshots, after-result hooks) in
+:mod:`study.callback`, the progress table in :mod:`study.progress`, how a study fails (error registries,
+the doomed-study stopper, one-line causes) in :mod:`study.failures`; this module starts Ray, chooses the
+Optuna storage, builds the Tuner and reports the end.
 """
 
 from __future__ import annotations
@@ -50,14 +51,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from brainage_core.config import config_differences
-from brainage_core.errors import BrainageError, ConfigError, DataError
+from brainage_core.errors import BrainageError, ConfigError
 from study.callback import StudyCallback
 from study.failures import (
     INPUT_ERRORS,
@@ -69,14 +66,17 @@ from study.failures import (
     no_retry_on_input_errors,
     unwritable,
 )
+from study.opening import Study, open_study, resolved_config, write_folder
 from study.progress import progress_table
-from study.space import SearchSpace, load_search_space
+from study.space import load_search_space
 from study.storage import StudyFolder, is_uri, join_location
 
-__all__ = ["main", "run_study", "DoomedStudyStopper", "StudyCallback", "StudyFailed", "progress_table"]
+__all__ = ["main", "run_study", "DoomedStudyStopper", "StudyCallback", "StudyFailed", "progress_table",
+           "resolved_config"]
 
-# the names the tests reach through this module (they live in study.failures)
+# the names the tests reach through this module (they live in study.failures and study.opening)
 _cause, _no_retry_on_input_errors, _unwritable = cause_of, no_retry_on_input_errors, unwritable
+_write_folder = write_folder
 
 #: each trial process is reused for the next trial: no new process, no re-import of torch and Ray
 #: (bench/study_overhead.py). DDP trials only where study.train_run can abort a stopped trial's Train run
@@ -112,108 +112,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def resolved_config(space: SearchSpace, overrides: Sequence[str]) -> dict[str, Any]:
-    """What ``config.yaml`` holds."""
-    search = {k: v for k, v in (yaml.safe_load(Path(space.source).read_text()) or {}).get("search", {}).items()}
-    return {**space.config.to_dict(), "search": search, "study": space.study.to_dict(), "overrides": list(overrides)}
-
-
-def _check_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], resume: bool) -> None:
-    """Check the folder against ``--resume`` without writing into it (a remote folder: ``--resume`` first
-    downloads config.yaml, results.parquet and optuna.db into its local mirror). ``--resume`` also checks
-    that results.parquet, when there is one, is readable (before Ray starts)."""
-    study_dir = folder.local
-    config_path = study_dir / "config.yaml"
-    where = folder.child("config.yaml")
-    if resume:
-        if not folder.exists("config.yaml"):
-            raise ConfigError(f"--resume: no study in {folder.location} (no config.yaml): run without --resume first")
-        if folder.is_remote:
-            folder.clear_mirror()
-            for rel in ("config.yaml", "space.yaml", "results.parquet", "optuna.db"):
-                folder.download(rel)
-        try:
-            before = yaml.safe_load(config_path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"--resume: {where} is unreadable ({' '.join(str(exc).split())[:160]}); expected the "
-                              "config.yaml the study wrote") from None
-        if before != config:
-            changed = [key for key, _, _ in config_differences(before, config)]
-            raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
-                              f"{', '.join(changed[:5])}: expected the command that started the study")
-        results = study_dir / "results.parquet"
-        if results.exists():
-            import pandas as pd
-
-            try:
-                pd.read_parquet(results)
-            except Exception as exc:  # pyarrow raises several types
-                raise DataError(
-                    f"--resume: {folder.child('results.parquet')} is unreadable ({type(exc).__name__}: "
-                    f"{' '.join(str(exc).split())[:160]}); expected the study's results table: restore it from a "
-                    "backup, or move it away to resume with an empty table"
-                ) from None
-        return
-    if folder.exists("tune") or folder.exists("config.yaml"):
-        raise ConfigError(f"study folder {folder.location} already holds a study: add --resume to continue it, or "
-                          f"choose another --name / --storage")
-
-
-def _write_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any]) -> None:
-    """Write space.yaml / config.yaml of a new study (a remote folder: into its mirror, then uploaded).
-    Called only once everything that can be validated before Ray starts has been (the data store too)."""
-    study_dir = folder.local
-    folder.clear_mirror()  # a stale mirror of an earlier study of that URI
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-        (study_dir / "space.yaml").write_text(space_path.read_text())
-        (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    except OSError as exc:
-        raise ConfigError(f"study folder {folder.location}: cannot write ({exc.strerror}: {exc.filename}); expected a "
-                          "writable --storage") from None
-    folder.upload("space.yaml")
-    folder.upload("config.yaml")
-
-
-
 def _forwarded_env(cloud: bool = False) -> dict[str, str]:
     """The environment every trial and worker gets; ``cloud``: also the object-store credentials and
     endpoints (:data:`CLOUD_ENV_PREFIXES`; visible in the job's runtime_env on the dashboard)."""
     prefixes = FORWARDED_ENV_PREFIXES + (CLOUD_ENV_PREFIXES if cloud else ())
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
-
-
-def _local_space(space_path: str | Path) -> Path:
-    """The search-space YAML as a local file: a URI (``--submit`` stages it in the bucket) is downloaded
-    into the cache, keeping its file name."""
-    if not is_uri(space_path):
-        return Path(space_path)
-    from brainage_core.data.sources import cache_dir_of
-
-    base, _, query = str(space_path).partition("?")
-    parent, _, file_name = base.rpartition("/")
-    target = cache_dir_of() / "studies" / ".jobs" / file_name
-    if StudyFolder(f"{parent}?{query}" if query else parent).download(file_name, target) is None:
-        raise ConfigError(f"{space_path}: no such search-space YAML on the object store")
-    return target
-
-
-
-@dataclass
-class _Study:
-    """One study being run: its validated search space, its folder and its prepared data store."""
-
-    space: SearchSpace
-    space_path: Path  # a local file (a URI is downloaded first)
-    name: str
-    folder: StudyFolder
-    store: Any
-    resume: bool
-
-    @property
-    def study_dir(self) -> Path:
-        """Where the driver writes (a remote folder: its local mirror)."""
-        return self.folder.local
 
 
 def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: str | None = None,
@@ -232,7 +135,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
         # Tune's TensorBoard logger imports torch late; in a job's driver, loading libtorch_cpu after Ray's
         # libraries failed ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Loading it first works.
         import torch  # noqa: F401
-    study = _open_study(space_path, overrides, name=name, storage=storage, resume=resume)
+    study = open_study(space_path, overrides, name=name, storage=storage, resume=resume)
 
     import ray
 
@@ -255,32 +158,7 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     return _finish(study, results, optuna_copy)
 
 
-def _open_study(space_path: str | Path, overrides: Sequence[str], *, name: str | None, storage: str | Path,
-                resume: bool) -> _Study:
-    """Everything before Ray starts: validate the YAML and the overrides, check the study folder against
-    ``--resume``, prepare the data store (bad data fails here, nothing written yet), then write a new
-    study's space.yaml and config.yaml."""
-    space_path = _local_space(space_path)
-    space = load_search_space(space_path, overrides)
-    name = name or space_path.stem
-    folder = StudyFolder(join_location(str(storage), name))
-    if folder.is_remote:
-        folder.check_writable()  # before anything is written
-    config = resolved_config(space, overrides)
-    _check_folder(folder, space_path, config, resume)
-
-    from brainage_core.data.sources import resolve_store
-
-    print(f"[study] {name}: {space.study.num_samples} trials ({space.study.searcher}), objective "
-          f"{space.study.objective} ({space.study.mode}); folder {folder.location}", flush=True)
-    store = resolve_store(space.config.data, progress=True)
-    print(f"[study] data store {store.path} (fingerprint {store.fingerprint})", flush=True)
-    if not resume:
-        _write_folder(folder, space_path, config)
-    return _Study(space=space, space_path=space_path, name=name, folder=folder, store=store, resume=resume)
-
-
-def _start_ray(study: _Study, *, address: str | None, code: str, dashboard_host: str) -> Any:
+def _start_ray(study: Study, *, address: str | None, code: str, dashboard_host: str) -> Any:
     """Start (or join) Ray with the study's resources (:mod:`study.ray_runtime`) and check its GPUs;
     returns the ``RayInfo``."""
     import ray
@@ -302,7 +180,7 @@ def _start_ray(study: _Study, *, address: str | None, code: str, dashboard_host:
     return info
 
 
-def _optuna_storage(study: _Study, info: Any, *, address: str | None,
+def _optuna_storage(study: Study, info: Any, *, address: str | None,
                     optuna_storage: str | None) -> tuple[str | None, tuple[str, str] | None]:
     """``(storage URL, optuna_copy)`` for the study's topology. A local study: ``--optuna-storage`` or
     None (the searcher's sqlite in the study folder). A joined cluster: every node must see the study
@@ -333,7 +211,7 @@ def _optuna_storage(study: _Study, info: Any, *, address: str | None,
     return storage_url, optuna_copy
 
 
-def _trainable(study: _Study) -> tuple[Any, int]:
+def _trainable(study: Study) -> tuple[Any, int]:
     """The Tune trainable (:func:`study.trial.run_trial` with its resources) and the trials run at once
     (``study.max_concurrent_trials``, fewer when the cluster fits fewer DDP trials)."""
     import ray
@@ -362,7 +240,7 @@ def _trainable(study: _Study) -> tuple[Any, int]:
     return trainable, concurrency
 
 
-def _tuner(study: _Study, trainable: Any, concurrency: int, storage_url: str | None,
+def _tuner(study: Study, trainable: Any, concurrency: int, storage_url: str | None,
            optuna_copy: tuple[str, str] | None) -> Any:
     """A new study's Tuner (Optuna searcher, ASHA, the driver callback, the doomed-study stopper), or
     with ``--resume`` the restored one (unfinished and errored trials resume from their checkpoints)."""
@@ -410,7 +288,7 @@ def _fit(tuner: Any, folder: StudyFolder) -> Any:
         raise StudyFailed(unwritable(folder, reason)) from None
 
 
-def _finish(study: _Study, results: Any, optuna_copy: tuple[str, str] | None) -> Path:
+def _finish(study: Study, results: Any, optuna_copy: tuple[str, str] | None) -> Path:
     """After Tune: the last Optuna snapshot, the Pareto set, the failed trials; StudyFailed when the
     folder became unwritable or no trial produced a result. Returns the study folder."""
     folder, study_dir, st = study.folder, study.study_dir, study.space.study
