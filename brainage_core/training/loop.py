@@ -147,7 +147,11 @@ def train(
 class TrainingRun:
     """The epoch loop of one run on one rank, over the :class:`~brainage_core.training.build.RunParts`
     built for it: :meth:`resume` from a checkpoint, then :meth:`fit` (one :meth:`epoch` after the other,
-    an evaluation and a checkpoint every ``evaluation.eval_every`` epochs and at the last)."""
+    an evaluation and a checkpoint every ``evaluation.eval_every`` epochs and at the last).
+
+    Long for a reason: one short method per step of the loop (resume, epoch, step, output check,
+    evaluation epoch, checkpoint state), all reading the same parts and resumed state.
+    """
 
     def __init__(self, parts: RunParts, *, keep_checkpoints: int = 1):
         self.parts = parts
