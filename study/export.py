@@ -246,8 +246,6 @@ def export_submission(
     Errors: see :func:`rank_checkpoints`; ``ConfigError`` for a rank beyond the ranked trials or a non-VBM
     model; checkpoint errors from ``brainage_core.training``.
     """
-    import torch
-
     from brainage_core.export import model_spec, write_submission
     from brainage_core.export.ramp import centered_view
     from brainage_core.training import load_model_from_checkpoint
@@ -255,6 +253,24 @@ def export_submission(
     check_out(out, force)
     study = StudyFolder(study_dir)
     ranked = rank_checkpoints(study.location, metric) if ranked is None else ranked
+    row = _chosen_trial(study, ranked, rank, metric, fallback=fallback)
+    model, config = load_model_from_checkpoint(_local_checkpoint(row["checkpoint"]))
+    data_store = _checked_store(config, store, row)
+    spec = model_spec(model.cpu(), config, grid=data_store.grid, batch_size=batch_size)
+    # the probe reads the features of the inputs the network was trained on (training.augment's
+    # deterministic transform), exactly as estimator.py and the training's evaluator do
+    view = centered_view(model.to(device).eval(), spec)
+    probe = _fit_probe_and_bias(
+        view, data_store, config, device=device, batch_size=int((config.get("evaluation") or {}).get("batch_size", 8))
+    )
+    metadata = _metadata(study, row, rank=rank, metric=metric, config=config, data_store=data_store, probe=probe)
+    summary = f"study {study.name}, trial {row['trial_id']} epoch {int(row['epoch'])}, rank {rank} by {metric}"
+    return write_submission(model.cpu(), spec, out, metadata=metadata, summary=summary)
+
+
+def _chosen_trial(study: StudyFolder, ranked: pd.DataFrame, rank: int, metric: str, *, fallback: bool) -> pd.Series:
+    """The row of ``ranked`` at ``rank``; a better trial without a stored checkpoint is a DataError, or
+    with ``fallback`` a warning naming it."""
     if not isinstance(rank, int) or rank < 1 or rank > len(ranked):
         raise ConfigError(f"--rank {rank}: the study has {len(ranked)} exportable trial(s); expected 1..{len(ranked)}")
     row = ranked.iloc[rank - 1]
@@ -265,9 +281,13 @@ def export_submission(
             f"{'trials have' if len(skipped) > 1 else 'trial has'} no stored checkpoint: {'; '.join(skipped)}; "
             "expected their checkpoint folders, or --fallback to export the best stored checkpoints instead"
         )
-    for text in skipped:
-        warnings.warn(f"--fallback: skipped {text}; exporting trial {row['trial_id']} as rank {rank}", stacklevel=2)
-    model, config = load_model_from_checkpoint(_local_checkpoint(row["checkpoint"]))
+    for text in skipped:  # stacklevel 3: the caller of export_submission
+        warnings.warn(f"--fallback: skipped {text}; exporting trial {row['trial_id']} as rank {rank}", stacklevel=3)
+    return row
+
+
+def _checked_store(config: dict, store: str | Path | None, row: pd.Series):
+    """The trial's store (VBM only); a warning when its fingerprint is not the one the trial trained on."""
     data_store = _open_study_store(config, store)
     if data_store.manifest.get("modality", "vbm") != "vbm":
         modality = data_store.manifest.get("modality")
@@ -276,17 +296,18 @@ def export_submission(
     if isinstance(fingerprint, str) and fingerprint and fingerprint != data_store.fingerprint:
         warnings.warn(
             f"store {data_store.path} has fingerprint {data_store.fingerprint[:12]}, the trial trained on "
-            f"{fingerprint[:12]}: the age probe is fitted on different data", stacklevel=2,
+            f"{fingerprint[:12]}: the age probe is fitted on different data", stacklevel=3,
         )
-    spec = model_spec(model.cpu(), config, grid=data_store.grid, batch_size=batch_size)
-    # the probe reads the features of the inputs the network was trained on (training.augment's
-    # deterministic transform), exactly as estimator.py and the training's evaluator do
-    view = centered_view(model.to(device).eval(), spec)
-    probe = _fit_probe_and_bias(
-        view, data_store, config, device=device, batch_size=int((config.get("evaluation") or {}).get("batch_size", 8))
-    )
+    return data_store
+
+
+def _metadata(study: StudyFolder, row: pd.Series, *, rank: int, metric: str, config: dict, data_store: Any,
+              probe: dict[str, Any]) -> dict[str, Any]:
+    """``metadata.pkl`` of the submission: where the model comes from, its metrics, the probe and versions."""
+    import torch
+
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop(labels=["checkpoint"]).items()}
-    metadata = {
+    return {
         "study": study.name,
         "study_dir": study.location,
         "trial_id": str(row["trial_id"]),
@@ -305,8 +326,6 @@ def export_submission(
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "scikit-learn": __import__("sklearn").__version__},
     }
-    summary = f"study {study.name}, trial {row['trial_id']} epoch {int(row['epoch'])}, rank {rank} by {metric}"
-    return write_submission(model.cpu(), spec, out, metadata=metadata, summary=summary)
 
 
 def export_top_k(

@@ -151,13 +151,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
         folder.check_writable()
     study_dir = folder.materialize()  # the local folder, or a remote one's mirror
     space = load_study_space(study_dir)
-    st = space.study
-    metric = metric or st.objective
-    if metric not in VALIDATION_METRICS:
-        raise ConfigError(f"--metric {metric}: trials are ranked on validation data only: expected one of "
-                          f"{', '.join(VALIDATION_METRICS)}")
-    mode = (st.mode if metric == st.objective else
-            dict(zip(st.objectives, st.modes)).get(metric, METRICS[metric].direction or "min"))
+    metric, mode = _ranking(space, metric)
     results = pd.read_parquet(study_dir / "results.parquet")
     top = select_top(results, metric, mode, top_k, source=str(study_dir / "results.parquet"))
     items = final_trials(space, top, seeds)
@@ -174,13 +168,44 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
     print(f"[final] {len(top)} configuration(s) x {seeds} seed(s), ranked by {metric} ({mode}); "
           f"{space.config.training.epochs} epochs each on the whole training split", flush=True)
 
+    grid = _run_grid(space, spec, items, folder, address=address)
+    seed_df = pd.DataFrame(_record_results(grid, space, store, study_dir))
+    summary = summarise(seed_df, space.keys)
+    pd.concat([seed_df, summary], ignore_index=True).to_parquet(study_dir / "final.parquet", index=False)
+    summary.to_csv(study_dir / "final_summary.csv", index=False)
+    if folder.is_remote:
+        for rel in ("results.parquet", "final.parquet", "final_summary.csv"):
+            folder.upload(rel)
+    _print_summary(summary)
+    print(f"[final] rows in {folder.child('results.parquet')} (status final); summary in "
+          f"{folder.child('final.parquet')} and final_summary.csv", flush=True)
+    return summary
+
+
+def _ranking(space: SearchSpace, metric: str | None) -> tuple[str, str]:
+    """``(metric, mode)`` the configurations are ranked by: ``--metric`` (a validation metric) or the
+    study's objective."""
+    st = space.study
+    metric = metric or st.objective
+    if metric not in VALIDATION_METRICS:
+        raise ConfigError(f"--metric {metric}: trials are ranked on validation data only: expected one of "
+                          f"{', '.join(VALIDATION_METRICS)}")
+    mode = (st.mode if metric == st.objective else
+            dict(zip(st.objectives, st.modes)).get(metric, METRICS[metric].direction or "min"))
+    return metric, mode
+
+
+def _run_grid(space: SearchSpace, spec: Any, items: list[dict[str, Any]], folder: StudyFolder, *,
+              address: str | None) -> Any:
+    """Train every (configuration, seed) of ``items`` as one Tune grid (``<study>/final/final-<time>/``);
+    returns Tune's result grid."""
     import ray
     from ray import tune
 
     from study.ray_runtime import start_ray
-    from study.results import ResultsTable, git_commit, package_versions
     from study.run import _forwarded_env
 
+    st = space.study
     res = st.resources
     info = start_ray(res, st.max_concurrent_trials, env=_forwarded_env(folder.is_remote), address=address)
     trainable = tune.with_parameters(run_final_trial, spec=spec)
@@ -196,10 +221,16 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
                                       failure_config=tune.FailureConfig(max_failures=min(1, st.max_failures)),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
-        grid = tuner.fit()
+        return tuner.fit()
     finally:
         if info.started_here:
             ray.shutdown()
+
+
+def _record_results(grid: Any, space: SearchSpace, store: Any, study_dir: Path) -> list[dict[str, Any]]:
+    """Append one ``results.parquet`` row (status ``final``, or ``error``) per final run and return them
+    as the per-seed rows of ``final.parquet``; a failed run is said on stderr."""
+    from study.results import ResultsTable, git_commit, package_versions
 
     table = ResultsTable(study_dir / "results.parquet", param_keys=space.keys, resume=True,
                          static={"store_fingerprint": store.fingerprint, "git_commit": git_commit(),
@@ -223,17 +254,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
             print(f"[final] trial {trial_id} (rank {final['rank']}, seed {final['seed']}) failed: "
                   f"{str(result.error).splitlines()[0] if result.error else 'no evaluation reported'}",
                   file=sys.stderr, flush=True)
-    seed_df = pd.DataFrame(per_seed)
-    summary = summarise(seed_df, space.keys)
-    pd.concat([seed_df, summary], ignore_index=True).to_parquet(study_dir / "final.parquet", index=False)
-    summary.to_csv(study_dir / "final_summary.csv", index=False)
-    if folder.is_remote:
-        for rel in ("results.parquet", "final.parquet", "final_summary.csv"):
-            folder.upload(rel)
-    _print_summary(summary)
-    print(f"[final] rows in {folder.child('results.parquet')} (status final); summary in "
-          f"{folder.child('final.parquet')} and final_summary.csv", flush=True)
-    return summary
+    return per_seed
 
 
 def _print_summary(summary: pd.DataFrame) -> None:

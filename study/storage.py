@@ -107,7 +107,11 @@ def fetch_tree(location: str, dest: str | os.PathLike[str], *,
 
 
 class StudyFolder:
-    """A study folder (see the module docstring). Picklable: the pyarrow file system is rebuilt lazily."""
+    """A study folder (see the module docstring). Picklable: the pyarrow file system is rebuilt lazily.
+
+    Long for a reason: one small method per file operation, each the same for a local folder and an
+    object store; splitting them by backend would put the local/remote choice in every caller.
+    """
 
     def __init__(self, location: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None):
         text = str(location)

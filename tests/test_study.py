@@ -2,9 +2,9 @@
 
 One Ray for the whole module (started here, num_cpus=4 logical, dashboard on); each study is a real
 ``python -m study.run`` process that joins it through RAY_ADDRESS, so that the driver can be killed.
-Faults are deterministic test hooks: BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS (study.run) and
-BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK / _ONCE_FILE / _SLOW_EPOCH_S (tests/fault_site/fault_hooks.py,
-installed in the test Ray's workers by study_fixtures.start_test_ray).
+Faults are deterministic test hooks (tests/fault_site/fault_hooks.py): BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS
+(installed in the driver, started with study_fixtures.fault_env) and BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK /
+_ONCE_FILE / _SLOW_EPOCH_S (installed in the test Ray's workers by study_fixtures.start_test_ray).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from study_fixtures import start_test_ray
+from study_fixtures import fault_env, start_test_ray
 
 from study import compat
 
@@ -49,9 +49,9 @@ def cache(tmp_path_factory):
 
 
 def run_study(ray_address, cache, storage, *args, env=None, timeout=600):
-    full_env = {**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache),
-                # Save Tune's experiment state at every step, so where a killed driver stopped is exact.
-                "TUNE_GLOBAL_CHECKPOINT_S": "0", **(env or {})}
+    full_env = fault_env({**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache),
+                          # Save Tune's experiment state at every step, so where a killed driver stopped is exact.
+                          "TUNE_GLOBAL_CHECKPOINT_S": "0", **(env or {})})
     cmd = [sys.executable, "-m", "study.run", str(SMOKE), "--storage", str(storage), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc

@@ -38,6 +38,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -125,16 +126,7 @@ def prepare(
     (bad option) or StoreError (``out`` not a store folder, unwritable); on any error ``out`` and the
     source are as they were (see the module docstring).
     """
-    if on_error not in ON_ERROR:
-        raise ConfigError(f"on_error: {on_error!r}; expected one of {', '.join(ON_ERROR)}")
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout: {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if modality not in MODALITIES:
-        raise ConfigError(f"modality: {modality!r}; expected one of {', '.join(MODALITIES)}")
-    if grid is not None and grid not in GRID_NAMES:
-        raise ConfigError(f"grid: {grid!r}; expected one of {', '.join(GRID_NAMES)} (or none: keep the source grid)")
-    if modality == "quasiraw" and grid is not None:
-        raise ConfigError(f"grid: {grid!r} does not apply to modality 'quasiraw' (its own 1 mm grid); expected none")
+    _check_options(layout=layout, modality=modality, on_error=on_error, grid=grid)
     out = Path(out)
     _check_out(Path(source), out, mask)
     reader = make_reader(
@@ -145,91 +137,30 @@ def prepare(
     if not require_age:  # only then, so that the fingerprints of stores prepared before the option hold
         options["require_age"] = False
     fingerprint = _fingerprint(scan.fingerprint, options)
+    store = _up_to_date(out, fingerprint)
+    if store is not None:
+        return store
 
-    manifest = read_manifest(out)
-    if manifest is not None and manifest.get("fingerprint") == fingerprint:
-        try:
-            store = open_store(out)
-            log.info("%s: store up to date (fingerprint %s), nothing to do", out, fingerprint[:12])
-            return store
-        except StoreError as exc:
-            log.warning("%s: damaged store (%s); preparing again", out, exc)
-
-    # -- table-level validation: nothing is written before it passes -----------------------------
-    table = scan.table
-    if len(table) and (table["site"] == "unknown").all() and (table["site_raw"] == "").all():
-        if not allow_missing_site:
-            raise DataError(
-                f"{source}: the participants table gives no site (no 'site' or 'siteXacq' column, or only "
-                "empty cells); expected each subject's site (the site probe needs it), or --allow-missing-site "
-                "to prepare every subject as site 'unknown'"
-            )
-        log.warning("%s: no site in the participants table: every subject is site 'unknown' (the site probe "
-                    "is meaningless for this store)", source)
-    files = table["source_path"].copy()
-    for i, problem in scan.problems.items():
-        if not files.at[i]:
-            files.at[i] = problem.file
-    problems = {**scan.problems, **row_problems(table, files, require_age=require_age)}
-    ordered = [problems[i] for i in table.index if i in problems] + scan.orphans
-    if ordered and on_error == "raise":
-        _raise_first(ordered)
-    skipped: list[Problem] = list(ordered)
-    valid = table.drop(index=list(problems))
-
+    # nothing is written before the table-level validation passes
+    valid, skipped = _validate_table(source, scan, on_error=on_error, require_age=require_age,
+                                     allow_missing_site=allow_missing_site)
     with StoreWriter(out) as writer:
         manifest = read_manifest(out)  # another process may have finished it while we waited
         if manifest is not None and manifest.get("fingerprint") == fingerprint:
             return open_store(out)
         _check_out(Path(source), out, mask)  # again under the lock: the folder may have changed meanwhile
         replaced = manifest
-        target = grid
-        kept: list[tuple[int, str, int]] = []
-        source_grids: set[str] = set()
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(valid), desc=f"prepare {layout}", unit="subject", disable=not progress) as bar:
-            for split in SPLITS:
-                for i in valid.index[valid["split"] == split]:
-                    pid, file = str(valid.at[i, "participant_id"]), str(valid.at[i, "source_path"])
-                    try:
-                        raw = reader.load(valid, i)
-                        volume, src = standardise_volume(raw, target=target, modality=modality)
-                        if grid is None and target is not None and src != target:
-                            raise VolumeRejected(
-                                f"grid {src} differs from the cohort's grid {target} (that of the first subject); "
-                                "expected one grid, or pass --grid to bring all subjects to one"
-                            )
-                        target = target or src
-                        row = writer.append(split, volume[None])
-                    except VolumeRejected as exc:
-                        problem = Problem(pid, file, str(exc))
-                        if on_error == "raise":
-                            raise DataError(problem.message()) from exc
-                        skipped.append(problem)
-                    else:
-                        kept.append((i, split, row))
-                        source_grids.add(src)
-                    bar.update(1)
+        kept, target, source_grids = _write_volumes(writer, reader, valid, skipped, grid=grid, modality=modality,
+                                                    on_error=on_error, progress=progress,
+                                                    desc=f"prepare {layout}")
         if not kept:
             detail = f"; first: {skipped[0].message()}" if skipped else ""
             raise DataError(f"{source}: no valid subject to prepare ({len(skipped)} skipped){detail}")
-
-        index = [i for i, _, _ in kept]
-        participants = valid.loc[index].copy()
-        participants["split"] = [s for _, s, _ in kept]
-        participants["row"] = [r for _, _, r in kept]
-        participants["age"] = participants["age"].astype("float64")
-        participants = participants.drop(columns=[c for c in _INTERNAL_COLUMNS if c in participants.columns])
-        for column in ("participant_id", "sex", "site", "site_raw", "split", "source_path"):
-            participants[column] = participants[column].astype(str)
-        rest = [c for c in participants.columns if c not in STORE_COLUMNS]
-        participants = participants[list(STORE_COLUMNS) + rest].reset_index(drop=True)
         skipped_table = pd.DataFrame(
             [(p.participant_id, p.file, p.reason) for p in skipped], columns=["participant_id", "file", "reason"]
         )
         store = writer.finish(
-            participants,
+            _participants_table(valid, kept),
             {
                 "source": str(Path(source).resolve()),
                 "layout": layout,
@@ -249,6 +180,109 @@ def prepare(
     if skipped:
         log.warning("%s: %d subject(s) skipped, listed in %s/skipped.tsv", out, len(skipped), out)
     return store
+
+
+def _check_options(*, layout: str, modality: str, on_error: str, grid: str | None) -> None:
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error: {on_error!r}; expected one of {', '.join(ON_ERROR)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout: {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if modality not in MODALITIES:
+        raise ConfigError(f"modality: {modality!r}; expected one of {', '.join(MODALITIES)}")
+    if grid is not None and grid not in GRID_NAMES:
+        raise ConfigError(f"grid: {grid!r}; expected one of {', '.join(GRID_NAMES)} (or none: keep the source grid)")
+    if modality == "quasiraw" and grid is not None:
+        raise ConfigError(f"grid: {grid!r} does not apply to modality 'quasiraw' (its own 1 mm grid); expected none")
+
+
+def _up_to_date(out: Path, fingerprint: str) -> Store | None:
+    """The store in ``out`` when it was prepared from this source with these options and opens; else None
+    (a damaged one is said and prepared again)."""
+    manifest = read_manifest(out)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+        try:
+            store = open_store(out)
+            log.info("%s: store up to date (fingerprint %s), nothing to do", out, fingerprint[:12])
+            return store
+        except StoreError as exc:
+            log.warning("%s: damaged store (%s); preparing again", out, exc)
+    return None
+
+
+def _validate_table(source: str | Path, scan: Any, *, on_error: str, require_age: bool,
+                    allow_missing_site: bool) -> tuple[pd.DataFrame, list[Problem]]:
+    """The rows that pass the table-level checks and the problems found (table order, then the files
+    without a row); with ``on_error="raise"`` the first problem is a DataError."""
+    table = scan.table
+    if len(table) and (table["site"] == "unknown").all() and (table["site_raw"] == "").all():
+        if not allow_missing_site:
+            raise DataError(
+                f"{source}: the participants table gives no site (no 'site' or 'siteXacq' column, or only "
+                "empty cells); expected each subject's site (the site probe needs it), or --allow-missing-site "
+                "to prepare every subject as site 'unknown'"
+            )
+        log.warning("%s: no site in the participants table: every subject is site 'unknown' (the site probe "
+                    "is meaningless for this store)", source)
+    files = table["source_path"].copy()
+    for i, problem in scan.problems.items():
+        if not files.at[i]:
+            files.at[i] = problem.file
+    problems = {**scan.problems, **row_problems(table, files, require_age=require_age)}
+    ordered = [problems[i] for i in table.index if i in problems] + scan.orphans
+    if ordered and on_error == "raise":
+        _raise_first(ordered)
+    return table.drop(index=list(problems)), list(ordered)
+
+
+def _write_volumes(writer: StoreWriter, reader: Any, valid: pd.DataFrame, skipped: list[Problem], *,
+                   grid: str | None, modality: str, on_error: str, progress: bool,
+                   desc: str) -> tuple[list[tuple[int, str, int]], str | None, set[str]]:
+    """Read, check and append every valid subject, split by split, one volume at a time. Returns the kept
+    ``(table index, split, store row)``, the store's grid and the source grids met; a rejected volume is a
+    DataError (``on_error="raise"``) or appended to ``skipped``."""
+    from tqdm.auto import tqdm
+
+    target = grid
+    kept: list[tuple[int, str, int]] = []
+    source_grids: set[str] = set()
+    with tqdm(total=len(valid), desc=desc, unit="subject", disable=not progress) as bar:
+        for split in SPLITS:
+            for i in valid.index[valid["split"] == split]:
+                pid, file = str(valid.at[i, "participant_id"]), str(valid.at[i, "source_path"])
+                try:
+                    raw = reader.load(valid, i)
+                    volume, src = standardise_volume(raw, target=target, modality=modality)
+                    if grid is None and target is not None and src != target:
+                        raise VolumeRejected(
+                            f"grid {src} differs from the cohort's grid {target} (that of the first subject); "
+                            "expected one grid, or pass --grid to bring all subjects to one"
+                        )
+                    target = target or src
+                    row = writer.append(split, volume[None])
+                except VolumeRejected as exc:
+                    problem = Problem(pid, file, str(exc))
+                    if on_error == "raise":
+                        raise DataError(problem.message()) from exc
+                    skipped.append(problem)
+                else:
+                    kept.append((i, split, row))
+                    source_grids.add(src)
+                bar.update(1)
+    return kept, target, source_grids
+
+
+def _participants_table(valid: pd.DataFrame, kept: list[tuple[int, str, int]]) -> pd.DataFrame:
+    """``participants.parquet``: the kept rows with their split and store row, :data:`STORE_COLUMNS` first."""
+    index = [i for i, _, _ in kept]
+    participants = valid.loc[index].copy()
+    participants["split"] = [s for _, s, _ in kept]
+    participants["row"] = [r for _, _, r in kept]
+    participants["age"] = participants["age"].astype("float64")
+    participants = participants.drop(columns=[c for c in _INTERNAL_COLUMNS if c in participants.columns])
+    for column in ("participant_id", "sex", "site", "site_raw", "split", "source_path"):
+        participants[column] = participants[column].astype(str)
+    rest = [c for c in participants.columns if c not in STORE_COLUMNS]
+    return participants[list(STORE_COLUMNS) + rest].reset_index(drop=True)
 
 
 # -- command line ----------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ A reader's :meth:`~Reader.scan` pairs table rows with files without reading any 
 rows without a file and files without a row); :meth:`~Reader.load` reads one subject's raw array.
 :func:`standardise_volume` then checks dtype, shape, grid and finiteness and brings the volume
 to the target grid.
+
+Long (over 400 lines) for a reason: the three readers share :class:`Scan`, :class:`Reader` and
+:func:`standardise_volume`, and are read together when a layout's rules are compared; the RAMP and NIfTI
+readers are over 80 lines because each holds its layout's whole pairing of rows with files (``scan``).
 """
 
 from __future__ import annotations

@@ -195,6 +195,9 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 class StoreWriter:
     """Writes a store beside its final place and swaps it in whole (memory use: one volume).
 
+    Long for a reason: the lock, the build folder, the appends and the atomic swap are one protocol
+    (the only writer of the store format); its steps are short methods.
+
     Usage::
 
         with StoreWriter(out) as writer:       # takes the store's lock (one writer at a time)

@@ -44,6 +44,10 @@ Layout written (``fmt="openbhb"``): ``participants.tsv`` (the real OpenBHB colum
 ``{train|val}/derivatives/sub-<id>/ses-1/sub-<id>_preproc-cat12vbm_desc-gm_T1w.npy`` (float32,
 (1, 1, D, H, W)); ``fmt="nifti"``: ``sub-<id>/ses-1/anat/sub-<id>_desc-gm_T1w.nii`` on the grid's
 affine, and a ``path`` column in the table.
+
+Long (over 400 lines) for a reason: this docstring is the generative model's specification, next to
+the code of each step; the cohort plan and the anatomy are already apart (``cohort_plan.py``,
+``synthetic_anatomy.py``).
 """
 
 from __future__ import annotations

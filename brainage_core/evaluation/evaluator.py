@@ -70,6 +70,10 @@ def training_rows(store: Any, train_on: str, split: ValidationSplit | None) -> d
 class Evaluator:
     """Evaluates a model on a prepared store with the challenge probes.
 
+    Long for a reason: the validation split, the features, the probes and the leak check share one
+    state (the split and the labels computed once here); the split, features, probes and scores
+    themselves live in ``validation.py``, ``features.py``, ``probes.py`` and ``scores.py``.
+
     ``store``: a :class:`brainage_core.data.store.Store` (needs ``splits``, ``site_labels``, ``array(split)``,
     ``table(split)`` with columns participant_id, age, site, row). ``evaluation``: the config's
     ``EvaluationConfig`` (``val_internal_frac``, ``val_external_frac``, ``val_seed``, ``batch_size``, ``test``,

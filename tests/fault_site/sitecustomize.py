@@ -1,24 +1,33 @@
 """Imported at start-up by every Python process that has this folder on its PYTHONPATH (tests only).
 
-When a ``BRAINAGE_FAULT_*`` variable is set, it arranges for :func:`fault_hooks.install` to run as soon as
-``brainage_core.training.loop`` is imported; otherwise it does nothing (and imports nothing heavy).
+When a ``BRAINAGE_FAULT_*`` variable is set, it arranges for :mod:`fault_hooks` to install its hook as soon
+as the module it hooks is imported (``brainage_core.training.loop`` for the epoch faults, ``study.callback``
+for the driver kill); otherwise it does nothing (and imports nothing heavy).
 """
 
 import os
 
-if any(key.startswith("BRAINAGE_FAULT_") and key != "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS" for key in os.environ):
+_DRIVER_VAR = "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS"
+#: module to hook -> name of the fault_hooks function that installs the hook, when its variables are set
+_TARGETS = {}
+if any(key.startswith("BRAINAGE_FAULT_") and key != _DRIVER_VAR for key in os.environ):
+    _TARGETS["brainage_core.training.loop"] = "install"
+if os.environ.get(_DRIVER_VAR):
+    _TARGETS["study.callback"] = "install_driver"
+
+if _TARGETS:
     import importlib.abc
     import importlib.util
     import sys
 
     class _InstallFaultHooks(importlib.abc.MetaPathFinder):
-        target = "brainage_core.training.loop"
-
         def find_spec(self, name, path=None, target=None):
-            if name != self.target:
+            if name not in _TARGETS:
                 return None
-            sys.meta_path.remove(self)  # find the real module with the other finders
-            spec = importlib.util.find_spec(name)
+            installer = _TARGETS.pop(name)
+            if not _TARGETS:
+                sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)  # the real module, found by the other finders
             if spec is None or spec.loader is None:
                 return spec
             run_module = spec.loader.exec_module
@@ -27,7 +36,7 @@ if any(key.startswith("BRAINAGE_FAULT_") and key != "BRAINAGE_FAULT_KILL_DRIVER_
                 run_module(module)
                 import fault_hooks
 
-                fault_hooks.install(module)
+                getattr(fault_hooks, installer)(module)
 
             spec.loader.exec_module = exec_module
             return spec
