@@ -1,0 +1,363 @@
+"""The site probe of the ``fast`` protocol: multinomial logistic regression fitted to convergence in torch.
+
+Objective of one fit (scikit-learn's, divided by the number of training rows n):
+``mean cross-entropy + ||W||² / (2 C n)``, the intercept unpenalised; binomial with one coefficient row
+when a fit sees two classes, as scikit-learn. A fit has converged when the max-norm of this objective's
+gradient is <= ``gtol`` (the quantity scikit-learn's ``lbfgs`` tests against ``tol``).
+
+How the fold x C grid is solved (``docs/probes.md``, "How the fast site probe is fast"):
+
+- every fit of one stage is ONE batched problem: per fold one GEMM over the training rows of that fold
+  for all of its fits side by side, a fused log-softmax, and one GEMM back;
+- batched L-BFGS with per-fit history and Armijo backtracking; a fit leaves the batch once converged
+  (an active set), so the well-conditioned strongly regularised fits cost only their own iterations;
+- the C grid is walked in ascending order per fold, each fit warm-started from the fold's solution at the
+  previous C (the first from zero coefficients and the log class priors as intercepts); the refit on all
+  rows starts from the mean of the fold solutions at the chosen C;
+- the bulk of the iterations runs in float32; each fit is then polished in float64 (with the same
+  L-BFGS history) to ``gtol``: the answer is the float64 optimum, float32 only finds the way there.
+
+Nothing here imports scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from brainage_core.evaluation.fast_probes import LinearClassifier, _complement, balanced_accuracy_codes, best_index
+
+#: Convergence of the logistic fits: max |gradient| of (mean cross-entropy + ||W||² / (2 C n)).
+LOGISTIC_GTOL = 1e-6
+LOGISTIC_MAX_ITER = 2000
+LBFGS_HISTORY = 10
+#: The float32 phase of a fit ends at this gradient max-norm (or when float32 can no longer decrease the
+#: objective); the float64 polish takes it from there to ``gtol``.
+FLOAT32_GTOL = 1e-4
+
+
+class _Problems:
+    """B penalised multinomial problems; problem b uses the rows of fold ``group[b]``.
+
+    Per fold g: ``X[g]`` (n_g, q) = the fold's training features with a last column of ones, ``codes[g]``
+    (n_g,). Per problem: penalty ``lam[b]`` = 1 / (C n_g) on the coefficient rows (not the intercept row),
+    the classes ``present[b]`` (K,) its rows hold (the others get logit -inf) and ``free[b]`` (K,) those
+    with parameters (a binomial fit's reference class keeps logit 0). Parameters: (b, q, K).
+    """
+
+    def __init__(self, Xs: list[torch.Tensor], codes: list[torch.Tensor], group: np.ndarray, cs: np.ndarray,
+                 present: np.ndarray, free: np.ndarray, dtype: torch.dtype):
+        dev = Xs[0].device
+        self.dtype = dtype
+        self.X = [x.to(dtype) for x in Xs]
+        self.codes = codes
+        self.group = np.asarray(group)
+        n_rows = np.asarray([Xs[g].shape[0] for g in self.group], dtype=np.float64)
+        self.lam = torch.as_tensor(1.0 / (np.asarray(cs, dtype=np.float64) * n_rows), dtype=dtype, device=dev)
+        self.all_present = bool(present.all())
+        self.offset = torch.as_tensor(np.where(present, 0.0, -math.inf), dtype=dtype, device=dev)
+        self.free = torch.as_tensor(free, dtype=dtype, device=dev)
+        self.all_free = bool(free.all())
+        q = Xs[0].shape[1]
+        self.penal = torch.ones(q, 1, dtype=dtype, device=dev)
+        self.penal[-1] = 0.0
+        self.evaluations = 0  # fit evaluations (one problem's value and gradient = 1)
+
+    def value_grad(self, theta: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective (b,) and gradient (b, q, K) of the problems ``idx`` (b,) at ``theta`` (b, q, K)."""
+        b, q, k = theta.shape
+        self.evaluations += b
+        value = torch.empty(b, dtype=torch.float64, device=theta.device)  # float64 even in the float32 phase
+        grad = torch.empty_like(theta)
+        groups = self.group[idx]
+        for g in np.unique(groups):
+            pos_np = np.flatnonzero(groups == g)
+            pos = torch.as_tensor(pos_np, device=theta.device)
+            th = theta[pos]  # (c, q, K)
+            c = th.shape[0]
+            X, codes = self.X[g], self.codes[g]
+            n = X.shape[0]
+            z = (X @ th.permute(1, 0, 2).reshape(q, c * k)).view(n, c, k)
+            if not self.all_present:
+                z += self.offset[torch.as_tensor(idx[pos_np], device=theta.device)][None]
+            logp = torch.log_softmax(z, dim=2)
+            true = codes[:, None, None].expand(n, c, 1)
+            ce = -logp.gather(2, true)[:, :, 0].sum(dim=0, dtype=torch.float64) / n  # (c,)
+            resid = logp.exp_()
+            resid.scatter_add_(2, true, torch.full((n, c, 1), -1.0, dtype=resid.dtype, device=resid.device))
+            gr = (X.T @ resid.view(n, c * k)).view(q, c, k).permute(1, 0, 2) / n
+            lam = self.lam[torch.as_tensor(idx[pos_np], device=theta.device)]
+            wpen = th * self.penal
+            gr = gr + lam[:, None, None] * wpen
+            if not self.all_free:
+                gr = gr * self.free[torch.as_tensor(idx[pos_np], device=theta.device)][:, None, :]
+            value[pos] = ce + 0.5 * lam.double() * (wpen.double() ** 2).sum(dim=(1, 2))
+            grad[pos] = gr
+        return value, grad
+
+
+class _BatchedLBFGS:
+    """L-BFGS state of B problems (flat parameters (B, D)): iterate, value, gradient, history.
+
+    ``minimise`` runs the problems that have not converged; ``to(problems)`` moves the state to another
+    :class:`_Problems` of the same problems in another dtype (float32 -> float64 polish), history kept.
+    """
+
+    def __init__(self, problems: _Problems, x0: torch.Tensor, shape: tuple[int, int], history: int | None = None):
+        history = history or LBFGS_HISTORY
+        self.shape = shape
+        self.history = history
+        B, D = x0.shape
+        dev, dt = x0.device, problems.dtype
+        self.x = x0.to(dt).clone()
+        self.S = torch.zeros(history, B, D, dtype=dt, device=dev)
+        self.Y = torch.zeros(history, B, D, dtype=dt, device=dev)
+        self.rho = torch.zeros(history, B, dtype=dt, device=dev)  # 0: an empty or skipped pair (a no-op)
+        self.gamma = torch.ones(B, dtype=dt, device=dev)
+        self.pairs = 0  # pairs written so far (ring buffer position)
+        self.iters = np.zeros(B, dtype=np.int64)
+        self.flat = np.zeros(B, dtype=bool)  # the line search could not decrease the objective (rounding)
+        self._evaluate(problems)
+
+    def _evaluate(self, problems: _Problems) -> None:
+        B = self.x.shape[0]
+        f, g = problems.value_grad(self.x.view(B, *self.shape), np.arange(B))
+        self.f, self.g = f, g.reshape(B, -1)
+        self.gmax = self.g.abs().amax(dim=1)
+        self.problems = problems
+
+    def to(self, problems: _Problems) -> None:
+        dt = problems.dtype
+        self.x, self.S, self.Y = self.x.to(dt), self.S.to(dt), self.Y.to(dt)
+        self.rho, self.gamma = self.rho.to(dt), self.gamma.to(dt)
+        self.flat[:] = False
+        self._evaluate(problems)
+
+    def _direction(self, idx: torch.Tensor) -> torch.Tensor:
+        """-H g for the problems ``idx`` by the two-loop recursion over the stored pairs, newest first."""
+        g = self.g[idx]
+        q = -g
+        m = min(self.pairs, self.history)
+        slots = [(self.pairs - 1 - j) % self.history for j in range(m)]
+        S, Y, rho = self.S[:, idx], self.Y[:, idx], self.rho[:, idx]
+        coeffs = []
+        for sl in slots:
+            a = rho[sl] * (S[sl] * q).sum(dim=1)
+            q = q - a[:, None] * Y[sl]
+            coeffs.append(a)
+        d = q * self.gamma[idx, None]
+        for sl, a in zip(reversed(slots), reversed(coeffs)):
+            beta = rho[sl] * (Y[sl] * d).sum(dim=1)
+            d = d + (a - beta)[:, None] * S[sl]
+        return d
+
+    def minimise(self, gtol: float, max_iter: int) -> None:
+        """Iterate every problem until its gradient max-norm is <= ``gtol``, ``max_iter`` iterations in all
+        (this call and earlier ones), or its line search fails to decrease the objective (flat to rounding)."""
+        dev = self.x.device
+        problems, shape = self.problems, self.shape
+        D = self.x.shape[1]
+        while True:
+            active = (self.gmax.cpu().numpy() > gtol) & ~self.flat & (self.iters < max_iter)
+            idx_np = np.flatnonzero(active)
+            if idx_np.size == 0:
+                return
+            idx = torch.as_tensor(idx_np, device=dev)
+            g0 = self.g[idx]
+            d = self._direction(idx)
+            gd = (g0 * d).sum(dim=1)
+            bad = gd >= 0  # not a descent direction (rounding): steepest descent instead
+            d = torch.where(bad[:, None], -g0, d)
+            gd = torch.where(bad, -(g0 * g0).sum(dim=1), gd)
+            fresh = torch.as_tensor(self.iters[idx_np] == 0, device=dev)
+            step = torch.where(fresh, torch.clamp(1.0 / g0.abs().sum(dim=1), max=1.0), torch.ones_like(gd))
+            x0, f0 = self.x[idx], self.f[idx]
+            x_new, f_new, g_new = x0.clone(), f0.clone(), g0.clone()
+            pending = np.ones(idx_np.size, dtype=bool)
+            for _ in range(60):  # Armijo backtracking, per problem
+                pidx_np = np.flatnonzero(pending)
+                if pidx_np.size == 0:
+                    break
+                pidx = torch.as_tensor(pidx_np, device=dev)
+                trial = x0[pidx] + step[pidx, None] * d[pidx]
+                ft, gt = problems.value_grad(trial.view(-1, *shape), idx_np[pidx_np])
+                ok = ft <= f0[pidx] + 1e-4 * step[pidx] * gd[pidx]
+                ok_np = ok.cpu().numpy()
+                okp = pidx[ok]
+                x_new[okp], f_new[okp], g_new[okp] = trial[ok], ft[ok], gt.reshape(-1, D)[ok]
+                pending[pidx_np[ok_np]] = False
+                step[pidx[~ok]] *= 0.5
+            s_vec, y_vec = x_new - x0, g_new - g0
+            sy = (s_vec * y_vec).sum(dim=1)
+            yy = (y_vec * y_vec).sum(dim=1)
+            done = torch.as_tensor(~pending, device=dev)
+            good = (sy > 1e-12 * torch.sqrt(yy * (s_vec * s_vec).sum(dim=1))) & done
+            slot = self.pairs % self.history
+            self.S[slot].zero_()
+            self.Y[slot].zero_()
+            self.rho[slot].zero_()
+            self.S[slot, idx], self.Y[slot, idx] = s_vec, y_vec
+            one = torch.ones_like(sy)
+            self.rho[slot, idx] = torch.where(good, 1.0 / torch.where(good, sy, one), torch.zeros_like(sy))
+            self.gamma[idx] = torch.where(good, sy / torch.where(good, yy, one), self.gamma[idx])
+            self.pairs += 1
+            self.x[idx], self.f[idx], self.g[idx] = x_new, f_new, g_new
+            self.gmax[idx] = g_new.abs().amax(dim=1)
+            self.iters[idx_np] += 1
+            self.flat[idx_np[pending]] = True
+
+
+@dataclass
+class LogisticSearch:
+    """Result of :func:`fast_logistic_search`."""
+
+    model: LinearClassifier
+    best_c: float
+    best_score: float
+    mean_scores: np.ndarray  # (n_C,) mean balanced accuracy per C (NaN where a fold could not be fit)
+    converged: bool
+    max_gradient: float  # largest final gradient max-norm over every fit
+    iterations: int  # largest iteration count over every fit
+    evaluations: int = 0  # objective + gradient evaluations of single fits, all stages together
+
+
+def _masks(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classes present in ``codes`` and those with parameters (binomial: one row, for the larger class)."""
+    present = np.zeros(n_classes, dtype=bool)
+    present[np.unique(codes)] = True
+    free = present.copy()
+    found = np.flatnonzero(present)
+    if found.size == 2:
+        free[found[0]] = False
+    return present, free
+
+
+def _initial(codes: np.ndarray, present: np.ndarray, free: np.ndarray, q: int, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """Zero coefficients, intercepts = the centred log class priors (the optimum of the intercepts alone
+    when W = 0; centred: the intercepts of a multinomial fit are defined up to a constant, and from zero
+    L-BFGS keeps their sum at 0, as scikit-learn's solution); binomial: log(n_1 / n_0)."""
+    theta = torch.zeros(q, present.size, dtype=dtype, device=device)
+    counts = np.bincount(codes, minlength=present.size).astype(np.float64)
+    logp = np.zeros(present.size)
+    logp[present] = np.log(counts[present] / counts.sum())
+    if free.sum() == present.sum():
+        logp[present] -= logp[present].mean()
+    else:  # binomial: the reference class keeps logit 0
+        logp[present] -= logp[present & ~free]
+    theta[-1] = torch.as_tensor(logp, dtype=dtype, device=device)
+    return theta
+
+
+def _fit(
+    Xs: list[torch.Tensor], codes: list[np.ndarray], group: np.ndarray, cs: np.ndarray, x0: torch.Tensor,
+    n_classes: int, *, gtol: float, max_iter: int, float32: bool,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
+    """Minimise the problems (fold ``group[b]``, C ``cs[b]``) from ``x0`` (B, q, K). Returns the solutions
+    (B, q, K) float64, final gradient max-norms (B,), iterations (B,) and the single-fit evaluations."""
+    dev = Xs[0].device
+    masks = [_masks(codes[g], n_classes) for g in group]
+    present = np.stack([m[0] for m in masks])
+    free = np.stack([m[1] for m in masks])
+    codes_t = [torch.as_tensor(c, device=dev) for c in codes]
+    B, q, K = x0.shape
+    evaluations = 0
+    state = None
+    if float32:
+        p32 = _Problems(Xs, codes_t, group, cs, present, free, torch.float32)
+        state = _BatchedLBFGS(p32, x0.reshape(B, -1), (q, K))
+        state.minimise(max(gtol, FLOAT32_GTOL), max_iter)
+        evaluations += p32.evaluations
+    p64 = _Problems(Xs, codes_t, group, cs, present, free, torch.float64)
+    if state is None:
+        state = _BatchedLBFGS(p64, x0.reshape(B, -1), (q, K))
+    else:
+        state.to(p64)
+    state.minimise(gtol, max_iter)
+    evaluations += p64.evaluations
+    return state.x.view(B, q, K), state.gmax.cpu().numpy(), state.iters, evaluations
+
+
+def fast_logistic_search(
+    X: torch.Tensor,
+    labels: np.ndarray,
+    cs: tuple[float, ...],
+    folds: list[np.ndarray],
+    *,
+    gtol: float = LOGISTIC_GTOL,
+    max_iter: int = LOGISTIC_MAX_ITER,
+    warm_start: bool = True,
+    float32: bool = True,
+) -> LogisticSearch:
+    """Grid search of multinomial logistic regression over ``cs`` by the mean balanced accuracy over
+    ``folds`` (test rows per fold), then a refit on all rows with the chosen C.
+
+    ``X`` (n, p) float64 on the device; ``labels`` (n,) any sortable labels (at least two distinct).
+    A fold whose training rows hold one class only scores NaN (scikit-learn cannot fit it either).
+    ``warm_start`` (walk the C grid in ascending order from the previous C's solution) and ``float32``
+    (float32 bulk, float64 polish) change the cost, not the answer: every fit ends at gradient max-norm
+    <= ``gtol`` in float64.
+    """
+    n, p = X.shape
+    dev = X.device
+    classes, codes = np.unique(labels, return_inverse=True)
+    codes = codes.reshape(-1)
+    K = classes.size
+    q = p + 1
+    Xa = torch.cat([X.to(torch.float64), torch.ones(n, 1, dtype=torch.float64, device=dev)], dim=1)
+    fold_train = [_complement(n, test) for test in folds]
+    fitted = [f for f, tr in enumerate(fold_train) if np.unique(codes[tr]).size >= 2]
+    Xs = [Xa[torch.as_tensor(fold_train[f], device=dev)] for f in fitted]
+    fold_codes = [codes[fold_train[f]] for f in fitted]
+    inits = torch.stack([_initial(c, *_masks(c, K), q, torch.float64, dev) for c in fold_codes]) if fitted else None
+    scores = np.full((len(folds), len(cs)), np.nan)
+    gmax_all: list[float] = []
+    iters_all: list[int] = []
+    evaluations = 0
+    solutions: dict[int, torch.Tensor] = {}  # C index -> (folds fitted, q, K)
+    order = list(np.argsort(np.asarray(cs, dtype=np.float64), kind="stable"))
+    stages = [[j] for j in order] if warm_start else [order]
+    G = len(fitted)
+    previous = inits
+    for stage in stages if fitted else []:
+        group = np.tile(np.arange(G), len(stage))
+        c_of = np.repeat(np.asarray(cs, dtype=np.float64)[stage], G)
+        x0 = previous.repeat(len(stage), 1, 1) if warm_start else inits.repeat(len(stage), 1, 1)
+        theta, gmax, iters, ev = _fit(Xs, fold_codes, group, c_of, x0, K, gtol=gtol, max_iter=max_iter,
+                                      float32=float32)
+        gmax_all += gmax.tolist()
+        iters_all += iters.tolist()
+        evaluations += ev
+        for s, j in enumerate(stage):
+            solutions[j] = theta[s * G:(s + 1) * G]
+        previous = solutions[stage[-1]]
+    for j in solutions:
+        for i, f in enumerate(fitted):
+            test = folds[f]
+            z = (Xa[torch.as_tensor(test, device=dev)] @ solutions[j][i]).cpu().numpy()
+            z[:, ~_masks(fold_codes[i], K)[0]] = -np.inf
+            scores[f, j] = balanced_accuracy_codes(codes[test], np.argmax(z, axis=1))
+    mean_scores = np.mean(scores, axis=0)
+    best = best_index(mean_scores)
+    present, free = _masks(codes, K)
+    if best in solutions and warm_start:
+        x0 = (solutions[best].mean(dim=0) * torch.as_tensor(free, dtype=torch.float64, device=dev))[None]
+    else:
+        x0 = _initial(codes, present, free, q, torch.float64, dev)[None]
+    theta, gmax, iters, ev = _fit([Xa], [codes], np.zeros(1, dtype=np.int64), np.asarray([float(cs[best])]), x0, K,
+                                  gtol=gtol, max_iter=max_iter, float32=float32)
+    gmax_all += gmax.tolist()
+    iters_all += iters.tolist()
+    evaluations += ev
+    w = theta[0].cpu().numpy()  # (q, K)
+    if K == 2:
+        coef, intercept = w[:p, 1:2].T, w[p, 1:2]
+    else:
+        coef, intercept = w[:p].T, w[p]
+    model = LinearClassifier(np.ascontiguousarray(coef), np.asarray(intercept), classes, float(cs[best]))
+    max_g = float(max(gmax_all))
+    return LogisticSearch(model, float(cs[best]), float(mean_scores[best]), mean_scores, max_g <= gtol,
+                          max_g, int(max(iters_all)), evaluations)
