@@ -40,91 +40,102 @@ FLOAT32_GTOL = 1e-4
 
 
 class _Problems:
-    """B penalised multinomial problems; problem b uses the rows of fold ``group[b]``.
+    """B = c x G penalised multinomial problems: c penalties for each of G folds; problem b = j G + g uses
+    the training rows of fold g and the j-th penalty.
 
-    Per fold g: ``X[g]`` (n_g, q) = the fold's training features with a last column of ones, ``codes[g]``
-    (n_g,). Per problem: penalty ``lam[b]`` = 1 / (C n_g) on the coefficient rows (not the intercept row),
-    the classes ``present[b]`` (K,) its rows hold (the others get logit -inf) and ``free[b]`` (K,) those
-    with parameters (a binomial fit's reference class keeps logit 0). Parameters: (b, q, K).
+    ``X`` (G, n, q): per fold its training features with a last column of ones, zero-padded to the largest
+    fold (``mask`` (G, n): 1 on real rows); ``codes`` (G, n). Per problem: penalty ``lam[b]`` =
+    1 / (C n_g) on the coefficient rows (not the intercept row), the classes ``present[b]`` (K,) its rows
+    hold (the others get logit -inf) and ``free[b]`` (K,) those with parameters (a binomial fit's
+    reference class keeps logit 0). Parameters: (B, q, K). Every evaluation is ONE batched GEMM over the
+    folds for all problems side by side, one fused log-softmax and one batched GEMM back.
     """
 
-    def __init__(self, Xs: list[torch.Tensor], codes: list[torch.Tensor], group: np.ndarray, cs: np.ndarray,
-                 present: np.ndarray, free: np.ndarray, dtype: torch.dtype):
+    def __init__(self, Xs: list[torch.Tensor], codes: list[np.ndarray], cs: np.ndarray, present: np.ndarray,
+                 free: np.ndarray, dtype: torch.dtype):
         dev = Xs[0].device
-        self.dtype = dtype
-        self.X = [x.to(dtype) for x in Xs]
-        self.codes = codes
-        self.group = np.asarray(group)
-        n_rows = np.asarray([Xs[g].shape[0] for g in self.group], dtype=np.float64)
-        self.lam = torch.as_tensor(1.0 / (np.asarray(cs, dtype=np.float64) * n_rows), dtype=dtype, device=dev)
+        G, q = len(Xs), Xs[0].shape[1]
+        sizes = [x.shape[0] for x in Xs]
+        n = max(sizes)
+        self.dtype, self.G, self.c = dtype, G, len(cs)
+        self.X = torch.zeros(G, n, q, dtype=dtype, device=dev)
+        self.codes = torch.zeros(G, n, dtype=torch.int64, device=dev)
+        self.mask = torch.zeros(G, n, dtype=dtype, device=dev)
+        for g, (x, code) in enumerate(zip(Xs, codes)):
+            self.X[g, : x.shape[0]] = x
+            self.codes[g, : x.shape[0]] = torch.as_tensor(code, device=dev)
+            self.mask[g, : x.shape[0]] = 1.0
+        self.padded = min(sizes) < n
+        self.inv_n = torch.as_tensor(1.0 / np.asarray(sizes, dtype=np.float64), device=dev)  # (G,) float64
+        lam = 1.0 / (np.repeat(np.asarray(cs, dtype=np.float64), G) * np.tile(np.asarray(sizes, np.float64), len(cs)))
+        self.lam = torch.as_tensor(lam, device=dev)  # (B,) float64
         self.all_present = bool(present.all())
-        self.offset = torch.as_tensor(np.where(present, 0.0, -math.inf), dtype=dtype, device=dev)
-        self.free = torch.as_tensor(free, dtype=dtype, device=dev)
+        # (G, 1, c, K): problem j G + g at [g, 0, j]
+        self.offset = torch.as_tensor(np.where(present, 0.0, -math.inf), dtype=dtype, device=dev).view(
+            len(cs), G, 1, -1).permute(1, 2, 0, 3)
+        self.free = torch.as_tensor(free, dtype=dtype, device=dev)  # (B, K)
         self.all_free = bool(free.all())
-        q = Xs[0].shape[1]
         self.penal = torch.ones(q, 1, dtype=dtype, device=dev)
         self.penal[-1] = 0.0
         self.evaluations = 0  # fit evaluations (one problem's value and gradient = 1)
 
-    def value_grad(self, theta: torch.Tensor, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective (b,) and gradient (b, q, K) of the problems ``idx`` (b,) at ``theta`` (b, q, K)."""
-        b, q, k = theta.shape
-        self.evaluations += b
-        value = torch.empty(b, dtype=torch.float64, device=theta.device)  # float64 even in the float32 phase
-        grad = torch.empty_like(theta)
-        groups = self.group[idx]
-        for g in np.unique(groups):
-            pos_np = np.flatnonzero(groups == g)
-            pos = torch.as_tensor(pos_np, device=theta.device)
-            th = theta[pos]  # (c, q, K)
-            c = th.shape[0]
-            X, codes = self.X[g], self.codes[g]
-            n = X.shape[0]
-            z = (X @ th.permute(1, 0, 2).reshape(q, c * k)).view(n, c, k)
-            if not self.all_present:
-                z += self.offset[torch.as_tensor(idx[pos_np], device=theta.device)][None]
-            logp = torch.log_softmax(z, dim=2)
-            true = codes[:, None, None].expand(n, c, 1)
-            ce = -logp.gather(2, true)[:, :, 0].sum(dim=0, dtype=torch.float64) / n  # (c,)
-            resid = logp.exp_()
-            resid.scatter_add_(2, true, torch.full((n, c, 1), -1.0, dtype=resid.dtype, device=resid.device))
-            gr = (X.T @ resid.view(n, c * k)).view(q, c, k).permute(1, 0, 2) / n
-            lam = self.lam[torch.as_tensor(idx[pos_np], device=theta.device)]
-            wpen = th * self.penal
-            gr = gr + lam[:, None, None] * wpen
-            if not self.all_free:
-                gr = gr * self.free[torch.as_tensor(idx[pos_np], device=theta.device)][:, None, :]
-            value[pos] = ce + 0.5 * lam.double() * (wpen.double() ** 2).sum(dim=(1, 2))
-            grad[pos] = gr
-        return value, grad
+    def value_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective (B,) float64 and gradient (B, q, K) of every problem at ``theta`` (B, q, K)."""
+        B, q, k = theta.shape
+        G, c = self.G, self.c
+        n = self.X.shape[1]
+        self.evaluations += B
+        th = theta.view(c, G, q, k).permute(1, 2, 0, 3).reshape(G, q, c * k)
+        z = torch.bmm(self.X, th).view(G, n, c, k)
+        if not self.all_present:
+            z = z + self.offset
+        logp = torch.log_softmax(z, dim=3)
+        true = self.codes[:, :, None, None].expand(G, n, c, 1)
+        ll = logp.gather(3, true)[..., 0]  # (G, n, c)
+        if self.padded:
+            ll = ll * self.mask[:, :, None]
+        ce = -ll.sum(dim=1, dtype=torch.float64) * self.inv_n[:, None]  # (G, c)
+        resid = logp.exp_()
+        resid.scatter_add_(3, true, torch.full((G, n, c, 1), -1.0, dtype=resid.dtype, device=resid.device))
+        if self.padded:
+            resid *= self.mask[:, :, None, None]
+        gr = torch.bmm(self.X.transpose(1, 2), resid.view(G, n, c * k))  # (G, q, c K)
+        gr = gr.view(G, q, c, k).permute(2, 0, 1, 3).reshape(B, q, k)
+        gr = gr * self.inv_n.repeat(c).to(gr.dtype)[:, None, None] + self.lam.to(gr.dtype)[:, None, None] * (
+            theta * self.penal)
+        if not self.all_free:
+            gr = gr * self.free[:, None, :]
+        pen = ((theta * self.penal).double() ** 2).sum(dim=(1, 2))
+        value = ce.T.reshape(B) + 0.5 * self.lam * pen
+        return value, gr
 
 
 class _BatchedLBFGS:
     """L-BFGS state of B problems (flat parameters (B, D)): iterate, value, gradient, history.
 
-    ``minimise`` runs the problems that have not converged; ``to(problems)`` moves the state to another
-    :class:`_Problems` of the same problems in another dtype (float32 -> float64 polish), history kept.
+    Every operation runs on the whole batch (no per-problem gathers); a problem that has stopped
+    (converged, flat, or out of iterations) is evaluated along but no longer moves. ``to(problems)`` moves
+    the state to the same problems in another dtype (the float32 -> float64 polish), history kept.
     """
 
     def __init__(self, problems: _Problems, x0: torch.Tensor, shape: tuple[int, int], history: int | None = None):
-        history = history or LBFGS_HISTORY
         self.shape = shape
-        self.history = history
+        self.history = history or LBFGS_HISTORY
         B, D = x0.shape
         dev, dt = x0.device, problems.dtype
         self.x = x0.to(dt).clone()
-        self.S = torch.zeros(history, B, D, dtype=dt, device=dev)
-        self.Y = torch.zeros(history, B, D, dtype=dt, device=dev)
-        self.rho = torch.zeros(history, B, dtype=dt, device=dev)  # 0: an empty or skipped pair (a no-op)
+        self.S = torch.zeros(self.history, B, D, dtype=dt, device=dev)
+        self.Y = torch.zeros(self.history, B, D, dtype=dt, device=dev)
+        self.rho = torch.zeros(self.history, B, dtype=dt, device=dev)  # 0: an empty or skipped pair (a no-op)
         self.gamma = torch.ones(B, dtype=dt, device=dev)
         self.pairs = 0  # pairs written so far (ring buffer position)
-        self.iters = np.zeros(B, dtype=np.int64)
-        self.flat = np.zeros(B, dtype=bool)  # the line search could not decrease the objective (rounding)
+        self.iters = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.flat = torch.zeros(B, dtype=torch.bool, device=dev)  # the line search could not decrease f
         self._evaluate(problems)
 
     def _evaluate(self, problems: _Problems) -> None:
         B = self.x.shape[0]
-        f, g = problems.value_grad(self.x.view(B, *self.shape), np.arange(B))
+        f, g = problems.value_grad(self.x.view(B, *self.shape))
         self.f, self.g = f, g.reshape(B, -1)
         self.gmax = self.g.abs().amax(dim=1)
         self.problems = problems
@@ -133,81 +144,70 @@ class _BatchedLBFGS:
         dt = problems.dtype
         self.x, self.S, self.Y = self.x.to(dt), self.S.to(dt), self.Y.to(dt)
         self.rho, self.gamma = self.rho.to(dt), self.gamma.to(dt)
-        self.flat[:] = False
+        self.flat.zero_()
         self._evaluate(problems)
 
-    def _direction(self, idx: torch.Tensor) -> torch.Tensor:
-        """-H g for the problems ``idx`` by the two-loop recursion over the stored pairs, newest first."""
-        g = self.g[idx]
-        q = -g
+    def _direction(self) -> torch.Tensor:
+        """-H g by the two-loop recursion over the stored pairs, newest first."""
+        q = -self.g
         m = min(self.pairs, self.history)
         slots = [(self.pairs - 1 - j) % self.history for j in range(m)]
-        S, Y, rho = self.S[:, idx], self.Y[:, idx], self.rho[:, idx]
         coeffs = []
         for sl in slots:
-            a = rho[sl] * (S[sl] * q).sum(dim=1)
-            q = q - a[:, None] * Y[sl]
+            a = self.rho[sl] * (self.S[sl] * q).sum(dim=1)
+            q = q - a[:, None] * self.Y[sl]
             coeffs.append(a)
-        d = q * self.gamma[idx, None]
+        d = q * self.gamma[:, None]
         for sl, a in zip(reversed(slots), reversed(coeffs)):
-            beta = rho[sl] * (Y[sl] * d).sum(dim=1)
-            d = d + (a - beta)[:, None] * S[sl]
+            beta = self.rho[sl] * (self.Y[sl] * d).sum(dim=1)
+            d = d + (a - beta)[:, None] * self.S[sl]
         return d
 
     def minimise(self, gtol: float, max_iter: int) -> None:
         """Iterate every problem until its gradient max-norm is <= ``gtol``, ``max_iter`` iterations in all
         (this call and earlier ones), or its line search fails to decrease the objective (flat to rounding)."""
-        dev = self.x.device
         problems, shape = self.problems, self.shape
-        D = self.x.shape[1]
+        B, D = self.x.shape
         while True:
-            active = (self.gmax.cpu().numpy() > gtol) & ~self.flat & (self.iters < max_iter)
-            idx_np = np.flatnonzero(active)
-            if idx_np.size == 0:
+            active = (self.gmax > gtol) & ~self.flat & (self.iters < max_iter)
+            if not bool(active.any()):
                 return
-            idx = torch.as_tensor(idx_np, device=dev)
-            g0 = self.g[idx]
-            d = self._direction(idx)
+            g0 = self.g
+            d = self._direction()
             gd = (g0 * d).sum(dim=1)
             bad = gd >= 0  # not a descent direction (rounding): steepest descent instead
             d = torch.where(bad[:, None], -g0, d)
             gd = torch.where(bad, -(g0 * g0).sum(dim=1), gd)
-            fresh = torch.as_tensor(self.iters[idx_np] == 0, device=dev)
+            fresh = self.iters == 0
             step = torch.where(fresh, torch.clamp(1.0 / g0.abs().sum(dim=1), max=1.0), torch.ones_like(gd))
-            x0, f0 = self.x[idx], self.f[idx]
-            x_new, f_new, g_new = x0.clone(), f0.clone(), g0.clone()
-            pending = np.ones(idx_np.size, dtype=bool)
+            step = torch.where(active, step, torch.zeros_like(step))
+            x_new, f_new, g_new = self.x.clone(), self.f.clone(), g0.clone()
+            pending = active.clone()
             for _ in range(60):  # Armijo backtracking, per problem
-                pidx_np = np.flatnonzero(pending)
-                if pidx_np.size == 0:
+                trial = self.x + step[:, None] * d
+                ft, gt = problems.value_grad(trial.view(B, *shape))
+                ok = pending & (ft <= self.f + 1e-4 * step.double() * gd.double())
+                x_new = torch.where(ok[:, None], trial, x_new)
+                f_new = torch.where(ok, ft, f_new)
+                g_new = torch.where(ok[:, None], gt.reshape(B, D), g_new)
+                pending = pending & ~ok
+                if not bool(pending.any()):
                     break
-                pidx = torch.as_tensor(pidx_np, device=dev)
-                trial = x0[pidx] + step[pidx, None] * d[pidx]
-                ft, gt = problems.value_grad(trial.view(-1, *shape), idx_np[pidx_np])
-                ok = ft <= f0[pidx] + 1e-4 * step[pidx] * gd[pidx]
-                ok_np = ok.cpu().numpy()
-                okp = pidx[ok]
-                x_new[okp], f_new[okp], g_new[okp] = trial[ok], ft[ok], gt.reshape(-1, D)[ok]
-                pending[pidx_np[ok_np]] = False
-                step[pidx[~ok]] *= 0.5
-            s_vec, y_vec = x_new - x0, g_new - g0
+                step = torch.where(pending, step * 0.5, step)
+            s_vec, y_vec = x_new - self.x, g_new - g0
             sy = (s_vec * y_vec).sum(dim=1)
             yy = (y_vec * y_vec).sum(dim=1)
-            done = torch.as_tensor(~pending, device=dev)
-            good = (sy > 1e-12 * torch.sqrt(yy * (s_vec * s_vec).sum(dim=1))) & done
+            good = (sy > 1e-12 * torch.sqrt(yy * (s_vec * s_vec).sum(dim=1))) & active & ~pending
             slot = self.pairs % self.history
-            self.S[slot].zero_()
-            self.Y[slot].zero_()
-            self.rho[slot].zero_()
-            self.S[slot, idx], self.Y[slot, idx] = s_vec, y_vec
+            self.S[slot], self.Y[slot] = s_vec, y_vec
             one = torch.ones_like(sy)
-            self.rho[slot, idx] = torch.where(good, 1.0 / torch.where(good, sy, one), torch.zeros_like(sy))
-            self.gamma[idx] = torch.where(good, sy / torch.where(good, yy, one), self.gamma[idx])
+            self.rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, one), torch.zeros_like(sy))
+            self.gamma = torch.where(good, sy / torch.where(good, yy, one), self.gamma)
             self.pairs += 1
-            self.x[idx], self.f[idx], self.g[idx] = x_new, f_new, g_new
-            self.gmax[idx] = g_new.abs().amax(dim=1)
-            self.iters[idx_np] += 1
-            self.flat[idx_np[pending]] = True
+            self.x, self.f, self.g = x_new, f_new, g_new
+            self.gmax = g_new.abs().amax(dim=1)
+            self.iters += active.to(torch.int64)
+            self.flat |= pending  # a failed line search: flat to rounding, the problem stops
 
 
 @dataclass
@@ -253,32 +253,31 @@ def _initial(codes: np.ndarray, present: np.ndarray, free: np.ndarray, q: int, d
 
 
 def _fit(
-    Xs: list[torch.Tensor], codes: list[np.ndarray], group: np.ndarray, cs: np.ndarray, x0: torch.Tensor,
-    n_classes: int, *, gtol: float, max_iter: int, float32: bool,
+    Xs: list[torch.Tensor], codes: list[np.ndarray], cs: np.ndarray, x0: torch.Tensor, n_classes: int, *,
+    gtol: float, max_iter: int, float32: bool,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, int]:
-    """Minimise the problems (fold ``group[b]``, C ``cs[b]``) from ``x0`` (B, q, K). Returns the solutions
-    (B, q, K) float64, final gradient max-norms (B,), iterations (B,) and the single-fit evaluations."""
-    dev = Xs[0].device
-    masks = [_masks(codes[g], n_classes) for g in group]
-    present = np.stack([m[0] for m in masks])
-    free = np.stack([m[1] for m in masks])
-    codes_t = [torch.as_tensor(c, device=dev) for c in codes]
+    """Minimise the problems (fold g, C ``cs[j]``), b = j G + g, from ``x0`` (B, q, K). Returns the
+    solutions (B, q, K) float64, final gradient max-norms (B,), iterations (B,) and the single-fit evaluations."""
+    masks = [_masks(c, n_classes) for c in codes]
+    present = np.tile(np.stack([m[0] for m in masks]), (len(cs), 1))
+    free = np.tile(np.stack([m[1] for m in masks]), (len(cs), 1))
     B, q, K = x0.shape
     evaluations = 0
     state = None
     if float32:
-        p32 = _Problems(Xs, codes_t, group, cs, present, free, torch.float32)
+        p32 = _Problems(Xs, codes, cs, present, free, torch.float32)
         state = _BatchedLBFGS(p32, x0.reshape(B, -1), (q, K))
         state.minimise(max(gtol, FLOAT32_GTOL), max_iter)
         evaluations += p32.evaluations
-    p64 = _Problems(Xs, codes_t, group, cs, present, free, torch.float64)
+        del p32
+    p64 = _Problems(Xs, codes, cs, present, free, torch.float64)
     if state is None:
         state = _BatchedLBFGS(p64, x0.reshape(B, -1), (q, K))
     else:
         state.to(p64)
     state.minimise(gtol, max_iter)
     evaluations += p64.evaluations
-    return state.x.view(B, q, K), state.gmax.cpu().numpy(), state.iters, evaluations
+    return state.x.view(B, q, K), state.gmax.cpu().numpy(), state.iters.cpu().numpy(), evaluations
 
 
 def fast_logistic_search(
@@ -321,13 +320,11 @@ def fast_logistic_search(
     order = list(np.argsort(np.asarray(cs, dtype=np.float64), kind="stable"))
     stages = [[j] for j in order] if warm_start else [order]
     G = len(fitted)
-    previous = inits
+    previous = inits  # the solutions at the previous C
     for stage in stages if fitted else []:
-        group = np.tile(np.arange(G), len(stage))
-        c_of = np.repeat(np.asarray(cs, dtype=np.float64)[stage], G)
+        c_of = np.asarray(cs, dtype=np.float64)[stage]
         x0 = previous.repeat(len(stage), 1, 1) if warm_start else inits.repeat(len(stage), 1, 1)
-        theta, gmax, iters, ev = _fit(Xs, fold_codes, group, c_of, x0, K, gtol=gtol, max_iter=max_iter,
-                                      float32=float32)
+        theta, gmax, iters, ev = _fit(Xs, fold_codes, c_of, x0, K, gtol=gtol, max_iter=max_iter, float32=float32)
         gmax_all += gmax.tolist()
         iters_all += iters.tolist()
         evaluations += ev
@@ -347,8 +344,8 @@ def fast_logistic_search(
         x0 = (solutions[best].mean(dim=0) * torch.as_tensor(free, dtype=torch.float64, device=dev))[None]
     else:
         x0 = _initial(codes, present, free, q, torch.float64, dev)[None]
-    theta, gmax, iters, ev = _fit([Xa], [codes], np.zeros(1, dtype=np.int64), np.asarray([float(cs[best])]), x0, K,
-                                  gtol=gtol, max_iter=max_iter, float32=float32)
+    theta, gmax, iters, ev = _fit([Xa], [codes], np.asarray([float(cs[best])]), x0, K, gtol=gtol, max_iter=max_iter,
+                                  float32=float32)
     gmax_all += gmax.tolist()
     iters_all += iters.tolist()
     evaluations += ev
