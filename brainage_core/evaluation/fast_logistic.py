@@ -5,15 +5,16 @@ Objective of one fit (scikit-learn's, divided by the number of training rows n):
 when a fit sees two classes, as scikit-learn. A fit has converged when the max-norm of this objective's
 gradient is <= ``gtol`` (the quantity scikit-learn's ``lbfgs`` tests against ``tol``).
 
-How the fold x C grid is solved (``docs/probes.md``, "How the fast site probe is fast"):
+How the fold x C grid is solved (``docs/probes.md``, "How the fast site probe is solved"):
 
-- every fit of one stage is ONE batched problem: per fold one GEMM over the training rows of that fold
-  for all of its fits side by side, a fused log-softmax, and one GEMM back;
-- batched L-BFGS with per-fit history and Armijo backtracking; a fit leaves the batch once converged
-  (an active set), so the well-conditioned strongly regularised fits cost only their own iterations;
-- the C grid is walked in ascending order per fold, each fit warm-started from the fold's solution at the
-  previous C (the first from zero coefficients and the log class priors as intercepts); the refit on all
-  rows starts from the mean of the fold solutions at the chosen C;
+- the C grid is walked in ascending order; the fits of one C (one per fold) are ONE batched problem,
+  each warm-started from its fold's solution at the previous C (the first from zero coefficients and the
+  centred log class priors as intercepts); the refit on all rows starts from the mean of the fold
+  solutions at the chosen C;
+- an evaluation of the batch is one batched GEMM over the folds' training rows (zero-padded to the
+  largest fold), a fused log-softmax and one batched GEMM back;
+- batched L-BFGS (history 10, Armijo backtracking) on the whole batch at once; a fit that has stopped
+  is evaluated along but no longer moves;
 - the bulk of the iterations runs in float32; each fit is then polished in float64 (with the same
   L-BFGS history) to ``gtol``: the answer is the float64 optimum, float32 only finds the way there.
 
