@@ -16,9 +16,9 @@ Two protocols (``protocol=``), see ``docs/probes.md``:
   included), on the CPU. What the challenge server would score.
 - ``"fast"``: the same estimators, folds and selection rules in torch on ``device``
   (:mod:`brainage_core.evaluation.fast_probes`, :mod:`brainage_core.evaluation.fast_logistic`): Ridge
-  computed exactly (its predictions equal the exact
-  protocol's to rounding), the logistic fits batched and run to convergence (saga's 150 iterations
-  usually stop short of it, so site BAcc may differ slightly from the exact protocol's).
+  computed exactly (its predictions equal the exact protocol's to rounding), the logistic fits batched
+  and run to convergence (saga's 150 iterations usually stop short of it, so site BAcc may differ
+  slightly from the exact protocol's).
 """
 
 from __future__ import annotations
