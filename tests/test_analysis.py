@@ -229,16 +229,11 @@ def test_report_html(tmp_path):
 
 
 @pytest.mark.slow
-def test_report_and_export_on_real_smoke_study(tmp_path):
-    """The runner's smoke study (Ray Tune, 2 trials, in-trial training), then the report and the export on it."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), BRAINAGE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    run = subprocess.run(
-        [sys.executable, str(REPO / "study" / "run.py"), str(REPO / "search_spaces" / "smoke.yaml"),
-         "study.resources.num_workers=1", "--storage", str(tmp_path / "studies")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=540,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    study = tmp_path / "studies" / "smoke"
+@pytest.mark.timeout(1200)  # the session's smoke study may be built in this test's set-up
+def test_report_and_export_on_real_smoke_study(smoke_study, tmp_path):
+    """The runner's smoke study (Ray Tune, 2 trials, in-trial training; the session's ``smoke_study``), then
+    the report and the export on it."""
+    env, study = smoke_study["env"], smoke_study["dir"]
     out = tmp_path / "report.html"
     proc = subprocess.run([sys.executable, str(REPO / "analysis" / "report.py"), str(study), "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

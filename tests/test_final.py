@@ -1,12 +1,12 @@
 """study/final.py: the top configurations of a real smoke study retrained with several seeds.
 
-The smoke study (in-trial training, 2 trials of 2 epochs on a 40-subject 6 mm cohort) and the final
-run are real processes, each with its own local Ray.
+The smoke study (in-trial training, 2 trials of 2 epochs on a 40-subject 6 mm cohort: the session's
+``smoke_study`` fixture, tests/conftest.py) and the final run are real processes, each with its own local Ray.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +20,6 @@ from brainage_core.errors import DataError
 from study.final import select_top
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
 # starts Ray or runs study commands in subprocesses (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
@@ -48,17 +47,12 @@ def show(proc):
 
 
 @pytest.mark.timeout(1200)
-def test_final_on_the_smoke_study_writes_final_rows_with_intervals(tmp_path):
-    d = yaml.safe_load(SMOKE.read_text())
-    d["data"]["synthetic"]["subjects"] = 40
-    d["study"]["resources"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1}
-    space = tmp_path / "smoke.yaml"
-    space.write_text(yaml.safe_dump(d))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(BRAINAGE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    proc = run(["-m", "study.run", str(space), "--storage", str(tmp_path)], env)
-    assert proc.returncode == 0, show(proc)
+def test_final_on_the_smoke_study_writes_final_rows_with_intervals(smoke_study, tmp_path):
+    """final.py on a copy of the session's smoke study (``smoke_study``: in-trial, 40 subjects)."""
     study_dir = tmp_path / "smoke"
+    shutil.copytree(smoke_study["dir"], study_dir)
+    env = smoke_study["env"]
+    d = yaml.safe_load((study_dir / "config.yaml").read_text())
     search = pd.read_parquet(study_dir / "results.parquet")
     best = select_top(search, "val_mae_ext", "min", 1)["trial_id"].iloc[0]
 
