@@ -29,26 +29,30 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: the modules that take minutes (Ray studies), longest first: collected first, so that under pytest-xdist the
-#: long ones start at once instead of last (the suite's wall time is at least its longest module's)
-HEAVY_MODULES = ("test_study", "test_cluster_sim", "test_study_object_store", "test_loss_benchmark", "test_cluster",
-                 "test_multiobjective")
+#: the test groups that take minutes (Ray studies), longest first: a group is a module, or ``smoke_study``
+#: for the tests of the session's :func:`smoke_study`. They are collected first, so that under pytest-xdist
+#: (``--dist loadgroup --no-loadscope-reorder``) the long ones start at once instead of last: the suite's
+#: wall time is at least its longest group's.
+HEAVY_GROUPS = ("test_study", "test_cluster_sim", "test_study_object_store", "test_loss_benchmark", "smoke_study",
+                "test_cluster", "test_multiobjective", "test_export", "test_predict", "test_training")
+
+
+def _group(item: pytest.Item) -> str:
+    return "smoke_study" if "smoke_study" in getattr(item, "fixturenames", ()) else item.module.__name__
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Heavy modules first (:data:`HEAVY_MODULES`), each module's tests kept together and in order; every
-    test gets an ``xdist_group`` (its module, or ``smoke_study`` for the tests of the session's
-    :func:`smoke_study`), so that ``pytest -n 2 --dist loadgroup`` runs a module's tests on one worker,
-    where its module-scoped fixtures (its Ray, its trained study) are built once."""
+    """Heavy groups first (:data:`HEAVY_GROUPS`), each module's tests kept in order; every test gets an
+    ``xdist_group`` marker (its group), so that ``pytest -n 2 --dist loadgroup`` runs a module's tests on
+    one worker, where its module-scoped fixtures (its Ray, its trained study) are built once."""
     def rank(item):
-        name = item.module.__name__
-        return HEAVY_MODULES.index(name) if name in HEAVY_MODULES else len(HEAVY_MODULES)
+        group = _group(item)
+        return HEAVY_GROUPS.index(group) if group in HEAVY_GROUPS else len(HEAVY_GROUPS)
 
-    items.sort(key=rank)  # stable: the order within a module and among the others is kept
+    items.sort(key=rank)  # stable: the order within a group and among the others is kept
     for item in items:
-        group = "smoke_study" if "smoke_study" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 @pytest.fixture(autouse=True, scope="module")

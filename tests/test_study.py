@@ -175,7 +175,7 @@ def _trial_pids(study_dir: Path) -> dict[str, int]:
 def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, cache, tmp_path):
     """DDP trials run one after another in one reused trial process (study.train_run); a trial that ASHA
     stops has its Train run aborted (it trains no further), and the next trial still starts cleanly."""
-    epochs = 6
+    epochs = 4  # ASHA rungs at epochs 1 and 2 (grace 1, factor 2): the stops happen there
     # Epochs of >= 1 s (test hook): a stopped run that went on would reach the last epoch.
     proc = run_study(ray_address, cache, tmp_path, "--name", "reuse", "study.num_samples=4",
                      f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}", FAST,
