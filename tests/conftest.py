@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 
 for _key, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -25,6 +26,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+
+#: the modules that take minutes (Ray studies), longest first. They are collected first, so that under
+#: pytest-xdist (``-n 2 --dist loadfile --no-loadscope-reorder``: a module's tests on one worker, where its
+#: module-scoped fixtures, its Ray, its trained study, are built once) the long ones start at once instead of
+#: last: the suite's wall time is at least its longest module's.
+HEAVY_MODULES = ("test_study", "test_cluster_sim", "test_study_object_store", "test_loss_benchmark",
+                 "test_smoke_study", "test_cluster", "test_multiobjective", "test_export", "test_predict",
+                 "test_training")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Heavy modules first (:data:`HEAVY_MODULES`), each module's tests kept together and in order."""
+    def rank(item):
+        name = item.module.__name__
+        return HEAVY_MODULES.index(name) if name in HEAVY_MODULES else len(HEAVY_MODULES)
+
+    items.sort(key=rank)  # stable: the order within a module and among the others is kept
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_ray_left_behind(request):
     """A module that leaves Ray initialised in the pytest process makes the next module's own local Ray fail
@@ -36,3 +57,15 @@ def _no_ray_left_behind(request):
         ray.shutdown()
         warnings.warn(f"{request.module.__name__} left Ray initialised in the test process; shut down after it",
                       stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def store_cache(tmp_path_factory) -> Path:
+    """The session's folder of synthetic cohorts and prepared stores, which the studies' caches link to
+    (``study_fixtures.shared_store_cache``). Under pytest-xdist it is one folder for all workers (beside
+    their base temp folders): the store's file lock makes the first study build it and the others wait."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "shared-store-cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -30,6 +30,28 @@ def fault_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join([str(FAULT_SITE), *([rest] if rest else [])])}
 
 
+#: the folders of a BRAINAGE_CACHE that hold synthetic cohorts and prepared stores (and their locks)
+STORE_CACHE_PARTS = ("cohorts", "stores", "locks")
+
+
+def shared_store_cache(cache: Path, shared: Path) -> Path:
+    """``cache`` (a new BRAINAGE_CACHE folder) whose ``cohorts/``, ``stores/`` and ``locks/`` are links to
+    ``shared`` (the session's :func:`conftest.store_cache`); returns ``cache``.
+
+    The synthetic cohort of a configuration is then generated and prepared once for the whole test
+    session (the first study that asks for it, under the store's file lock; the others open it), instead
+    of once per test: ~10-25 s each on 2 cores, most of it building the anatomy templates. Everything
+    else a study keeps in its cache (Optuna databases, study mirrors, downloaded checkpoints) stays in
+    ``cache``, the test's own."""
+    cache.mkdir(parents=True, exist_ok=True)
+    for part in STORE_CACHE_PARTS:
+        (shared / part).mkdir(parents=True, exist_ok=True)
+        link = cache / part
+        if not link.exists():
+            link.symlink_to(shared / part, target_is_directory=True)
+    return cache
+
+
 def start_test_ray() -> str:
     """Start the local Ray that a test module's studies join (RAY_ADDRESS); returns its GCS address.
 

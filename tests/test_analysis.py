@@ -1,8 +1,8 @@
 """analysis/: loader, tables and the headless HTML report.
 
 A realistic study folder (results.parquet with the columns of docs/interfaces.md, config.yaml,
-optuna.db) is built by :func:`write_study`; when the study runner has landed, the report is also built
-on a real smoke study (``test_report_on_real_smoke_study``).
+optuna.db) is built by :func:`write_study`; the report and the export on a real smoke study are in
+tests/test_smoke_study.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from analysis.reference import REFERENCE_SOURCE, reference_table
 from analysis.report import build_report
 from analysis.tables import NEEDS_FINAL, leaderboard, pareto_front, seed_summary
 from brainage_core.errors import ConfigError, DataError
-from study.export import rank_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("yaware", "expw", "threshold")
@@ -226,41 +225,3 @@ def test_report_html(tmp_path):
     assert "optuna.db" in html and "not found" in html  # why study b has no importances
     assert REFERENCE_SOURCE in html and "2.55" in html
     assert not re.search(r'<script[^>]*src="https?://', html)  # self-contained
-
-
-@pytest.mark.slow
-def test_report_and_export_on_real_smoke_study(tmp_path):
-    """The runner's smoke study (Ray Tune, 2 trials, in-trial training), then the report and the export on it."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), BRAINAGE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    run = subprocess.run(
-        [sys.executable, str(REPO / "study" / "run.py"), str(REPO / "search_spaces" / "smoke.yaml"),
-         "study.resources.num_workers=1", "--storage", str(tmp_path / "studies")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=540,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    study = tmp_path / "studies" / "smoke"
-    out = tmp_path / "report.html"
-    proc = subprocess.run([sys.executable, str(REPO / "analysis" / "report.py"), str(study), "--out", str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    html = out.read_text()
-    results = pd.read_parquet(study / "results.parquet")
-    for trial in results["trial_id"].unique():
-        assert str(trial) in html  # every trial on the leaderboard
-    for heading in ("Leaderboard", "Pareto front", "Hyper-parameter importances", "Metrics against epoch",
-                    "confidence intervals", "Published reference figures"):
-        assert heading in html, heading
-    assert _images(html) == 4  # pareto, importances (2 COMPLETE Optuna trials), epochs, reference
-    assert "study/final.py" in html  # one seed per configuration
-    sub = tmp_path / "ramp-submission" / "smoke"
-    proc = subprocess.run([sys.executable, str(REPO / "study" / "export.py"), str(study), "--out", str(sub)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    from rampwf.utils.sanitize import _sanitize_input
-
-    _sanitize_input((sub / "estimator.py").read_text())
-    meta = pd.read_pickle(sub / "metadata.pkl")
-    top = rank_checkpoints(study, "val_lc").iloc[0]
-    assert (meta["trial_id"], meta["epoch"]) == (top["trial_id"], top["epoch"])
-    stored = results[[Path(str(p), "checkpoint.pt").is_file() for p in results["checkpoint_path"]]]
-    assert meta["metric_value"] == pytest.approx(stored["val_lc"].min())

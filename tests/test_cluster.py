@@ -137,9 +137,11 @@ def two_nodes():
             os.environ["RAY_AUTH_MODE"] = saved
 
 
-def study_env(tmp_path):
+def study_env(tmp_path, store_cache):
+    from study_fixtures import shared_store_cache
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(BRAINAGE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env.update(BRAINAGE_CACHE=str(shared_store_cache(tmp_path / "cache", store_cache)), PYTHONPATH=str(ROOT))
     return env
 
 
@@ -147,16 +149,18 @@ def show(proc):
     return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
 
 
-SMALL = ["data.synthetic.subjects=40", "study.resources.num_workers=1", "study.max_concurrent_trials=2"]
+SMALL = ["data.synthetic.subjects=40", "study.resources.num_workers=1", "study.max_concurrent_trials=2",
+         "evaluation.final_protocol=fast"]
 
 
 @pytest.mark.timeout(900)
-def test_smoke_study_through_address_uses_both_nodes(two_nodes, tmp_path):
+def test_smoke_study_through_address_uses_both_nodes(two_nodes, tmp_path, store_cache):
     c, _ = two_nodes
     node_ids = {n.node_id for n in c.list_all_nodes()}
     cmd = [sys.executable, "-m", "study.run", str(SMOKE), *SMALL, "--address", c.address,
            "--storage", str(tmp_path / "studies")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=study_env(tmp_path), capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(cmd, cwd=ROOT, env=study_env(tmp_path, store_cache), capture_output=True, text=True,
+                          timeout=840)
     assert proc.returncode == 0, show(proc)
     assert "2 node(s) see the study folder and the store" in proc.stdout
     study_dir = tmp_path / "studies" / "smoke"
@@ -190,12 +194,14 @@ def test_probe_names_the_nodes_that_cannot_see_a_file(two_nodes):
 
 
 @pytest.mark.timeout(900)
-def test_submit_runs_the_study_as_a_ray_job(two_nodes, tmp_path):
+def test_submit_runs_the_study_as_a_ray_job(two_nodes, tmp_path, store_cache):
     _, dashboard = two_nodes
     cmd = [sys.executable, "-m", "study.run", str(SMOKE), "data.synthetic.subjects=40", "training.epochs=1",
-           "study.num_samples=1", "study.resources.num_workers=1", "--submit", "--address", dashboard,
+           "study.num_samples=1", "study.resources.num_workers=1", "evaluation.final_protocol=fast",
+           "--submit", "--address", dashboard,
            "--storage", str(tmp_path / "studies"), "--name", "submitted", "--job-python", sys.executable]
-    proc = subprocess.run(cmd, cwd=ROOT, env=study_env(tmp_path), capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(cmd, cwd=ROOT, env=study_env(tmp_path, store_cache), capture_output=True, text=True,
+                          timeout=840)
     assert proc.returncode == 0, show(proc)
     assert "[submit] job" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "[study] done" in proc.stdout  # the job's own logs were followed

@@ -73,14 +73,17 @@ def test_bad_loss_name_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_tiny_benchmark_writes_the_json_and_the_table(tmp_path):
+def test_tiny_benchmark_writes_the_json_and_the_table(tmp_path, store_cache):
+    from study_fixtures import shared_store_cache
+
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench/loss_benchmark.py", "--losses", "l1,expw", "--trials", "2", "--seeds", "2",
            "--epochs", "1", "--subjects", "60", "--sites", "6", "--concurrent", "1",
            "--set", "model.base_width=4", "--set", "training.batch_size=8",
            "--storage", str(tmp_path / "studies"), "--name", "tiny", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BRAINAGE_CACHE": str(tmp_path / "cache"),
-           "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    cache = shared_store_cache(tmp_path / "cache", store_cache)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BRAINAGE_CACHE": str(cache), "RAY_ADDRESS": "",
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -97,15 +97,18 @@ def test_pareto_front_keeps_non_dominated_completed_trials():
 
 @pytest.mark.timeout(900)
 @pytest.mark.slow
-def test_multi_objective_smoke_study_writes_its_pareto_set(tmp_path):
+def test_multi_objective_smoke_study_writes_its_pareto_set(tmp_path, store_cache):
+    from study_fixtures import shared_store_cache
+
     d = smoke_dict(objectives=["val_mae_ext", "val_bacc"], searcher="nsga2", num_samples=3,
                    asha={"grace_period": 1, "reduction_factor": 2}, max_concurrent_trials=1)
     d["study"]["resources"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1}
     d["data"]["synthetic"]["subjects"] = 40
+    d["evaluation"]["final_protocol"] = "fast"  # the exact probes are not what this checks (test_study.py does)
     space = tmp_path / "mo.yaml"
     space.write_text(yaml.safe_dump(d))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(BRAINAGE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env.update(BRAINAGE_CACHE=str(shared_store_cache(tmp_path / "cache", store_cache)), PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "study.run", str(space), "--storage", str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

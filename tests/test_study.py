@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from study_fixtures import fault_env, start_test_ray
+from study_fixtures import fault_env, shared_store_cache, start_test_ray
 
 from study import compat
 
@@ -30,6 +30,10 @@ EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss",
                     "compute_s", "seed", "store_fingerprint", "git_commit", "versions", "protocol"}
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+#: the fast probes at the last evaluation too, for the studies that do not check the exact protocol
+#: (test_smoke_study_with_ddp_trials does): the exact grid-searched probes cost seconds per trial
+FAST = "evaluation.final_protocol=fast"
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +48,8 @@ def ray_address(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, store_cache):
+    return shared_store_cache(tmp_path_factory.mktemp("cache"), store_cache)
 
 
 def run_study(ray_address, cache, storage, *args, env=None, timeout=600):
@@ -99,7 +103,7 @@ def test_smoke_study_with_ddp_trials(ray_address, cache, tmp_path):
 
 
 def test_killed_driver_resumes_without_rerunning_or_losing_rows(ray_address, cache, tmp_path):
-    killed = run_study(ray_address, cache, tmp_path, "--name", "crash",
+    killed = run_study(ray_address, cache, tmp_path, FAST, "--name", "crash",
                        env={"BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS": "3"})
     assert killed.returncode == -signal.SIGKILL, show(killed)
     study_dir = tmp_path / "crash"
@@ -108,7 +112,7 @@ def test_killed_driver_resumes_without_rerunning_or_losing_rows(ray_address, cac
     first = before.groupby("trial_id")["epoch"].max()
     finished = first[first == 2].index[0]
 
-    resumed = run_study(ray_address, cache, tmp_path, "--name", "crash", "--resume")
+    resumed = run_study(ray_address, cache, tmp_path, FAST, "--name", "crash", "--resume")
     assert resumed.returncode == 0, show(resumed)
     after = pd.read_parquet(study_dir / "results.parquet")
     assert after["trial_id"].nunique() == 2 and len(after) == 4
@@ -128,7 +132,7 @@ def test_killed_driver_resumes_without_rerunning_or_losing_rows(ray_address, cac
 
 def test_killed_worker_restarts_from_its_checkpoint(ray_address, cache, tmp_path):
     once = tmp_path / "fault-fired"
-    proc = run_study(ray_address, cache, tmp_path, "--name", "worker", "study.num_samples=1", "training.epochs=3",
+    proc = run_study(ray_address, cache, tmp_path, "--name", "worker", "study.num_samples=1", "training.epochs=3", FAST,
                      env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_RANK": "1",
                           "BRAINAGE_FAULT_ONCE_FILE": str(once)})
     assert proc.returncode == 0, show(proc)
@@ -143,7 +147,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_address, cache, tmp_path
 def test_in_trial_training_and_asha_pruning_reach_optuna(ray_address, cache, tmp_path):
     proc = run_study(ray_address, cache, tmp_path, "--name", "asha", "study.resources.num_workers=1",
                      "study.num_samples=3", "training.epochs=2",
-                     "study.asha={grace_period: 1, reduction_factor: 2}", "study.searcher=tpe")
+                     "study.asha={grace_period: 1, reduction_factor: 2}", "study.searcher=tpe", FAST)
     assert proc.returncode == 0, show(proc)
     study_dir = tmp_path / "asha"
     df = pd.read_parquet(study_dir / "results.parquet")
@@ -171,10 +175,10 @@ def _trial_pids(study_dir: Path) -> dict[str, int]:
 def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, cache, tmp_path):
     """DDP trials run one after another in one reused trial process (study.train_run); a trial that ASHA
     stops has its Train run aborted (it trains no further), and the next trial still starts cleanly."""
-    epochs = 6
+    epochs = 4  # ASHA rungs at epochs 1 and 2 (grace 1, factor 2): the stops happen there
     # Epochs of >= 1 s (test hook): a stopped run that went on would reach the last epoch.
     proc = run_study(ray_address, cache, tmp_path, "--name", "reuse", "study.num_samples=4",
-                     f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}",
+                     f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}", FAST,
                      env={"BRAINAGE_FAULT_SLOW_EPOCH_S": "1.0"})
     assert proc.returncode == 0, show(proc)
     assert "reset_config" not in proc.stdout + proc.stderr, show(proc)

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from study_fixtures import start_test_ray
+from study_fixtures import shared_store_cache, start_test_ray
 
 from brainage_core.errors import ConfigError, DataError
 from study.storage import StudyFolder, join_location
@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 BUCKET = "bucket"
 STORAGE = f"s3://{BUCKET}/studies"
-IN_TRIAL = ("study.resources.num_workers=1",)
+#: in-trial training; the fast probes at the last evaluation too (no test here checks the exact protocol, which
+#: tests/test_study.py::test_smoke_study_with_ddp_trials does)
+FAST = "evaluation.final_protocol=fast"
+IN_TRIAL = ("study.resources.num_workers=1", FAST)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -85,9 +88,10 @@ def ray_address(s3):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """BRAINAGE_CACHE of the module (this process and the studies): stores, mirrors, downloads."""
-    path = tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, store_cache):
+    """BRAINAGE_CACHE of the module (this process and the studies): mirrors, downloads; the stores are the
+    session's (``store_cache``)."""
+    path = shared_store_cache(tmp_path_factory.mktemp("cache"), store_cache)
     saved = os.environ.get("BRAINAGE_CACHE")
     os.environ["BRAINAGE_CACHE"] = str(path)
     yield path
@@ -315,7 +319,8 @@ def test_loader_and_export_read_the_bucket(s3_study, cache, tmp_path):
 
 
 def test_ddp_trial_on_s3(ray_address, cache, tmp_path):
-    proc = run_study(ray_address, cache, tmp_path, "study.num_samples=1", "--storage", STORAGE, "--name", "s3ddp")
+    proc = run_study(ray_address, cache, tmp_path, "study.num_samples=1", FAST, "--storage", STORAGE,
+                     "--name", "s3ddp")
     assert proc.returncode == 0, show(proc)
     prefix = f"{BUCKET}/studies/s3ddp"
     df = pd.read_parquet(io.BytesIO(read_object(f"{prefix}/results.parquet")))
