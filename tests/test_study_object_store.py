@@ -183,7 +183,7 @@ def test_bad_storage_is_one_config_error_and_writes_nothing(s3, tmp_path, monkey
 
 
 def test_submit_passes_the_uri_through(s3, tmp_path, monkeypatch):
-    from study import cluster, run
+    from study import cluster, opening, run
 
     seen = {}
     monkeypatch.setattr(cluster, "submit_study", lambda **kw: seen.update(kw) or 0)
@@ -196,10 +196,10 @@ def test_submit_passes_the_uri_through(s3, tmp_path, monkeypatch):
     fs = s3fs()
     with fs.open_output_stream(f"{BUCKET}/studies/.jobs/smoke-1234.yaml") as f:
         f.write(SMOKE.read_bytes())
-    local = run._local_space(f"{STORAGE}/.jobs/smoke-1234.yaml")
+    local = opening.local_space(f"{STORAGE}/.jobs/smoke-1234.yaml")
     assert local.name == "smoke-1234.yaml" and local.read_bytes() == SMOKE.read_bytes()
     with pytest.raises(ConfigError, match="no such search-space YAML"):
-        run._local_space(f"{STORAGE}/.jobs/none.yaml")
+        opening.local_space(f"{STORAGE}/.jobs/none.yaml")
 
 
 # --------------------------------------------------------------------------------------------------
