@@ -18,15 +18,6 @@ For each ``n`` x ``p`` asked for (``--sizes``), on the CPU (and on CUDA when ava
   the same objective. Reports each protocol's distance to it (max |coefficient difference| of the refit
   and |ΔBAcc|).
 
-Part (b), features of real checkpoints (``--checkpoints PATH...`` and/or ``--train-trials N --trials-dir
-DIR``): every ``checkpoint.pt`` under the paths (checkpoint folders, training output folders or a study
-folder) is evaluated by the project's ``Evaluator`` with its own config (cohort, validation split, seed)
-under both protocols; reported: |delta| fast vs exact of val/test MAE (internal, external), BAcc and the
-challenge score ``lc`` per checkpoint, their maxima, and the Spearman rank correlation of ``val_lc``
-(and ``test_lc``) across the checkpoints. ``--train-trials N`` first trains the first N of
-:data:`TRIALS` (tiny resnet18 runs on a 6 mm synthetic cohort that differ in loss, temperature, seed,
-epochs and learning rate) into ``DIR/trial_NN/``, skipping those already trained.
-
 Every fit records wall seconds, CPU seconds of the process (``time.process_time``: with one thread,
 about what the fit takes on an idle core, which a shared machine's wall time is not) and the load
 average before and after. Separate invocations (e.g. one size each, run side by side) are merged with
@@ -174,125 +165,6 @@ def converged_reference(data: dict[str, Any], fast_site: Any, exact_site: Any) -
     return out
 
 
-# -- part (b): features of real checkpoints --------------------------------------------------------
-#: The trials of ``--train-trials``: (loss.method, loss.temperature or None, training.seed, epochs, lr), chosen
-#: so that the trials differ (loss family, temperature, seed, length, step size).
-TRIALS = [
-    ("yaware", 0.1, 0, 2, 1e-3), ("yaware", 0.3, 1, 1, 1e-3), ("expw", 0.1, 0, 2, 1e-3),
-    ("expw", 0.5, 2, 1, 1e-3), ("rnc", 2.0, 0, 2, 1e-3), ("rnc", 1.0, 1, 1, 3e-4), ("l1", None, 0, 2, 1e-3),
-    ("l1", None, 1, 1, 3e-4), ("supcon", 0.1, 0, 1, 1e-3), ("threshold", 0.2, 0, 1, 1e-3),
-    ("yaware", 0.05, 3, 1, 3e-4), ("expw", 0.2, 4, 2, 3e-4),
-]
-
-def trial_config(method: str, temperature: float | None, seed: int, epochs: int, lr: float, *, subjects: int,
-                 sites: int) -> dict[str, Any]:
-    """A tiny experiment on the 6 mm synthetic cohort (resnet18, base_width 8), evaluated once, at its end."""
-    loss: dict[str, Any] = {"method": method}
-    if temperature is not None:
-        loss["temperature"] = temperature
-    return {
-        "data": {"synthetic": {"subjects": subjects, "sites": sites, "strength": 1.5, "age_confound": 1.0, "seed": 0},
-                 "grid": "6mm"},
-        "model": {"backbone": "resnet18", "base_width": 8},
-        "loss": loss,
-        "optimizer": {"name": "adam", "lr": lr},
-        "schedule": {"name": "none"},
-        "training": {"epochs": epochs, "batch_size": 32, "views": 2, "device": "cpu", "loader_workers": 0,
-                     "seed": seed},
-        "evaluation": {"eval_every": epochs, "protocol": "fast", "final_protocol": "fast", "batch_size": 64,
-                       "val_internal_frac": 0.15, "val_external_frac": 0.2, "test": True},
-    }
-
-
-def train_trials(out: Path, n_trials: int, *, subjects: int, sites: int, part: tuple[int, int] = (0, 1)) -> list[Path]:
-    """Train the first ``n_trials`` of :data:`TRIALS` into ``out/trial_NN/`` (skipping those with a checkpoint);
-    ``part`` (i, k): only the trials with index = i mod k (k processes side by side)."""
-    from brainage_core.config import config_from_dict
-    from brainage_core.training.loop import train
-
-    if n_trials > len(TRIALS):
-        raise SystemExit(f"bench/probes.py: --train-trials {n_trials}: at most {len(TRIALS)} trials are defined")
-    dirs = []
-    for i, spec in enumerate(TRIALS[:n_trials]):
-        run_dir = out / f"trial_{i:02d}"
-        dirs.append(run_dir)
-        if (run_dir / "checkpoint" / "checkpoint.pt").is_file() or i % part[1] != part[0]:
-            continue
-        start = time.perf_counter()
-        train(config_from_dict(trial_config(*spec, subjects=subjects, sites=sites)), run_dir)
-        print(f"trained {run_dir} {spec} in {time.perf_counter() - start:.0f} s", flush=True)
-    return dirs
-
-
-def find_checkpoints(paths: list[Path]) -> list[Path]:
-    """Every ``checkpoint.pt`` under ``paths`` (checkpoint folders, training output folders or a study folder)."""
-    found = []
-    for path in paths:
-        if path.is_file() and path.name == "checkpoint.pt":
-            found.append(path)
-        elif path.is_dir():
-            found += sorted(p for p in path.rglob("checkpoint.pt") if ".tmp-" not in str(p))
-        else:
-            raise SystemExit(f"bench/probes.py: --checkpoints {path}: no such file or folder; expected a "
-                             "checkpoint folder, a training output folder or a study folder")
-    if not found:
-        raise SystemExit(f"bench/probes.py: --checkpoints {' '.join(map(str, paths))}: no checkpoint.pt found")
-    return found
-
-
-CHECKPOINT_KEYS = ("val_mae_int", "val_mae_ext", "val_bacc", "val_lc", "test_mae_int", "test_mae_ext",
-                   "test_bacc", "test_lc")
-
-
-def checkpoint_agreement(paths: list[Path]) -> dict[str, Any]:
-    """Evaluate every checkpoint under both protocols (its own config: cohort, validation split, seed) and
-    compare: |delta| of each metric per checkpoint, and the Spearman rank correlation of val_lc (and
-    test_lc) across the checkpoints."""
-    from brainage_core.config import config_from_dict
-    from brainage_core.data.sources import resolve_store
-    from brainage_core.evaluation import Evaluator
-    from brainage_core.training.checkpoint import load_checkpoint
-    from brainage_core.training.loop import build_training_model
-
-    rows = []
-    for path in find_checkpoints(paths):
-        state = load_checkpoint(path)
-        cfg = config_from_dict(state["config"])
-        model = build_training_model(cfg)
-        model.load_state_dict(state["model"])
-        model.eval()
-        evaluator = Evaluator(resolve_store(cfg.data), cfg.evaluation, train_on=cfg.training.train_on,
-                              seed=cfg.training.seed)
-        row: dict[str, Any] = {"checkpoint": str(path.parent), "epoch": state["epoch"], "loss": cfg.loss.method,
-                               "temperature": cfg.loss.temperature, "seed": cfg.training.seed}
-        for protocol in ("exact", "fast"):
-            cpu = time.process_time()
-            metrics = evaluator.evaluate(model, "cpu", protocol=protocol)
-            row[protocol] = {k: metrics[k] for k in CHECKPOINT_KEYS}
-            row[protocol]["eval_s"] = metrics["eval_s"]
-            row[protocol]["eval_cpu_s"] = time.process_time() - cpu
-            row[protocol]["probe_notes"] = metrics["probe_notes"]
-        row["abs_diff"] = {k: abs(row["fast"][k] - row["exact"][k]) for k in CHECKPOINT_KEYS}
-        rows.append(row)
-        print(json.dumps({"checkpoint": row["checkpoint"], "abs_diff": row["abs_diff"],
-                          "val_lc": [row["exact"]["val_lc"], row["fast"]["val_lc"]]}, default=float), flush=True)
-    return summarise_checkpoints(rows)
-
-
-def summarise_checkpoints(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The maxima of the |delta|s and the Spearman rank correlations of val_lc / test_lc over ``rows``."""
-    from scipy.stats import spearmanr
-
-    out: dict[str, Any] = {"checkpoints": rows, "n": len(rows)}
-    for key in CHECKPOINT_KEYS:
-        diffs = [r["abs_diff"][key] for r in rows]
-        out[f"max_abs_diff_{key}"] = float(np.nanmax(diffs))
-    for key in ("val_lc", "test_lc"):
-        rho = spearmanr([r["exact"][key] for r in rows], [r["fast"][key] for r in rows]).statistic
-        out[f"spearman_{key}"] = float(rho)
-    return out
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     import sklearn
 
@@ -320,26 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="site-structure strengths of the feature sets (default 0.6)")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/probes.json"))
-    parser.add_argument("--checkpoints", type=Path, nargs="+", default=None,
-                        help="part (b): evaluate these checkpoints (folders searched for checkpoint.pt) under "
-                             "both protocols instead of the synthetic features")
-    parser.add_argument("--train-trials", type=int, default=0, metavar="N",
-                        help="part (b): first train N tiny trials (TRIALS) into --trials-dir, then evaluate them")
-    parser.add_argument("--trials-dir", type=Path, default=None, help="where --train-trials writes trial_NN/")
-    parser.add_argument("--subjects", type=int, default=600, help="synthetic cohort size of --train-trials")
-    parser.add_argument("--cohort-sites", type=int, default=20, help="synthetic cohort sites of --train-trials")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="merge the runs of these JSON files (written by separate invocations) into --out")
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        if all("checkpoint_agreement" in p for p in parts):
-            rows = [r for p in parts for r in p["checkpoint_agreement"]["checkpoints"]]
-            merged = {"machine": parts[0]["machine"], "commands": [p["command"] for p in parts],
-                      "wall_s": [p.get("wall_s") for p in parts], "checkpoint_agreement": summarise_checkpoints(rows)}
-            args.out.write_text(json.dumps(merged, indent=2, default=float))
-            print(f"wrote {args.out} ({len(rows)} checkpoints)")
-            return 0
         merged = {"machine": parts[0]["machine"], "commands": [p["command"] for p in parts],
                   "wall_s": [p.get("wall_s") for p in parts], "runs": [r for p in parts for r in p["runs"]]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -347,23 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} ({len(merged['runs'])} runs)")
         return 0
     torch.set_num_threads(args.threads)
-    if args.train_trials or args.checkpoints:
-        t0 = time.perf_counter()
-        paths = list(args.checkpoints or [])
-        if args.train_trials:
-            if args.trials_dir is None:
-                print("bench/probes.py: --train-trials needs --trials-dir", file=sys.stderr)
-                return 2
-            paths += train_trials(args.trials_dir, args.train_trials, subjects=args.subjects,
-                                  sites=args.cohort_sites)
-        report = {"machine": machine_info(args.threads), "command": " ".join(sys.argv),
-                  "checkpoint_agreement": checkpoint_agreement(paths), "wall_s": time.perf_counter() - t0}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=float))
-        summary = {k: v for k, v in report["checkpoint_agreement"].items() if k != "checkpoints"}
-        print(json.dumps(summary, default=float))
-        print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
-        return 0
     sizes = [s for s in args.sizes.split(",") if s]
     exact_sizes = set(sizes if args.exact is None else [s for s in args.exact.split(",") if s])
     reference_sizes = {s for s in args.reference.split(",") if s}
