@@ -28,14 +28,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import ray
 
@@ -84,19 +83,9 @@ def _loopback_node():
     return compat.loopback_node()
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
+def _environment(values: dict[str, str]):
     """While inside: ``os.environ`` also holds ``values`` (the processes started meanwhile inherit them)."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return mock.patch.dict(os.environ, values)
 
 
 def local_ray_init(**kwargs) -> object:
