@@ -28,13 +28,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import ray
 
@@ -83,9 +84,19 @@ def _loopback_node():
     return compat.loopback_node()
 
 
-def _environment(values: dict[str, str]):
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
     """While inside: ``os.environ`` also holds ``values`` (the processes started meanwhile inherit them)."""
-    return mock.patch.dict(os.environ, values)
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def local_ray_init(**kwargs) -> object:
