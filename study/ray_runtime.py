@@ -86,7 +86,13 @@ def _loopback_node():
 
 @contextlib.contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
-    """While inside: ``os.environ`` also holds ``values`` (the processes started meanwhile inherit them)."""
+    """While inside: ``os.environ`` also holds ``values`` (the processes started meanwhile inherit them).
+
+    Only the keys of ``values`` are restored on exit, not the whole environment (so not
+    ``unittest.mock.patch.dict``): what ``ray.init`` itself sets meanwhile must stay. Ray (2.60, the pinned
+    version) turns token authentication on for a new local cluster by setting ``RAY_AUTH_MODE=token`` in the
+    driver's environment; a driver that lost it starts children (``study/run.py --address``) that cannot connect.
+    """
     before = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:

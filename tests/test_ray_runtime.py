@@ -29,3 +29,14 @@ def test_the_environment_is_restored_after_an_error(monkeypatch):
     except RuntimeError:
         pass
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+
+
+def test_what_ray_init_sets_meanwhile_stays(monkeypatch):
+    # ray.init sets RAY_AUTH_MODE=token for a new local cluster; the study processes this driver starts later
+    # (study/run.py --address) connect only if they inherit it. Restoring the whole environment lost it.
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    with ray_runtime._environment(ray_runtime.NO_CLUSTER_ENV):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
