@@ -117,7 +117,8 @@ def build_searcher(space: SearchSpace, study_dir: str | Path | None, study_name:
     if st.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(seed=st.seed)
     elif st.searcher == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=st.seed)
+        population = {} if st.population_size is None else {"population_size": st.population_size}
+        sampler = optuna.samplers.NSGAIISampler(seed=st.seed, **population)
     elif st.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=st.seed)
     else:

@@ -129,3 +129,18 @@ def test_multi_objective_smoke_study_writes_its_pareto_set(tmp_path, store_cache
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert complete and all(len(t.values) == 2 for t in complete)
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+
+
+def test_population_size_reaches_nsga2_and_is_refused_elsewhere(tmp_path):
+    from study.searcher import build_searcher
+
+    space = parse_search_space(smoke_dict(objectives=["val_mae_ext", "val_bacc"], searcher="nsga2",
+                                          num_samples=24, population_size=6))
+    assert space.study.population_size == 6
+    sampler = build_searcher(space, tmp_path, "pop")._sampler
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler) and sampler._population_size == 6
+    with pytest.raises(ConfigError, match=r"study.population_size = 6: only for study.searcher: nsga2"):
+        parse_search_space(smoke_dict(searcher="tpe", population_size=6), source="pop.yaml")
+    with pytest.raises(ConfigError, match=r"study.population_size = 1 is out of range"):
+        parse_search_space(smoke_dict(objectives=["val_mae_ext", "val_bacc"], searcher="nsga2",
+                                      population_size=1), source="pop.yaml")

@@ -53,6 +53,9 @@ class StudySettings:
     mode: str = setting("min", choices=MODES)
     asha: Asha | None = setting(None)
     seed: int = setting(0, ge=0)  # the searcher's seed (training.seed is the trials' seed)
+    #: NSGA-II only: trials per generation (Optuna's default 50). Its first generation is random search, so
+    #: NSGA-II searches only when num_samples is several times this (docs/search-efficiency.md)
+    population_size: int | None = setting(None, ge=2)
     resources: Resources = section(Resources)
     max_failures: int = setting(2, ge=0)
     checkpoints_to_keep: int = setting(2, ge=1)
@@ -181,6 +184,10 @@ def parse_study(d: Mapping[str, Any], config: cfgmod.ExperimentConfig, source: s
     num_samples = _value(d, "num_samples", source) if d.get("num_samples") is not None else 0
     objective, mode, objectives, modes = _objective_and_mode(d, source)
     _check_config_for_study(config, source)
+    population_size = _value(d, "population_size", source)
+    if population_size is not None and searcher != "nsga2":
+        raise ConfigError(f"{source}: study.population_size = {population_size}: only for study.searcher: nsga2 "
+                          f"(this study's searcher is {searcher})")
     return StudySettings(
         num_samples=num_samples,
         max_concurrent_trials=_value(d, "max_concurrent_trials", source),
@@ -189,6 +196,7 @@ def parse_study(d: Mapping[str, Any], config: cfgmod.ExperimentConfig, source: s
         mode=mode,
         asha=_parse_asha(d, config, source),
         seed=_value(d, "seed", source),
+        population_size=population_size,
         resources=_parse_resources(d, config, source),
         max_failures=_value(d, "max_failures", source),
         checkpoints_to_keep=_value(d, "checkpoints_to_keep", source),
