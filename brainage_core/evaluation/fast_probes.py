@@ -15,6 +15,10 @@
 The folds reproduce scikit-learn's ``KFold`` (unshuffled, or shuffled by ``numpy.random.RandomState``)
 and ``StratifiedKFold`` (unshuffled) exactly, without importing scikit-learn (tests check both).
 Nothing here imports scikit-learn.
+
+Long (just over 400 lines) for a reason: the fast protocol is one contract, "scikit-learn's answers,
+computed in torch", and its three parts (the folds, the Ridge search, the batched logistic search) are
+checked against scikit-learn together; the exact protocol's entry points are in ``probes.py``.
 """
 
 from __future__ import annotations
