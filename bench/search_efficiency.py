@@ -1,6 +1,6 @@
 """Does the search pay? The project's searchers replayed on a table of trained configurations.
 
-``python bench/search_efficiency.py [--table bench/results/search_table/expw_grid.parquet] [--reps 30]
+``python bench/search_efficiency.py [--table bench/results/search_table/expw_fast.parquet] [--reps 30]
 [--budget-factor 1.0] [--concurrency 1] [--searchers random,grid_listed,...] [--tune-check 12]``
 
 The table (``bench/search_table.py``) holds every evaluation of every configuration of a grid. Each
@@ -57,7 +57,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_TABLE = ROOT / "bench" / "results" / "search_table" / "expw_grid.parquet"
+DEFAULT_TABLE = ROOT / "bench" / "results" / "search_table" / "expw_fast.parquet"
 OUT_JSON = ROOT / "docs" / "measurements" / "search_efficiency.json"
 OUT_PNG = ROOT / "docs" / "measurements" / "search_efficiency.png"
 OUT_REPLAYS = ROOT / "bench" / "results" / "search_efficiency_replays.json"
@@ -251,8 +251,10 @@ def tune_table_trainable(config: dict[str, Any], table: Table, space: Any) -> No
     """The stand-in as a Ray Tune function trainable (``--tune-check``): ``tune.report`` each table row."""
     from ray import tune
 
+    started_s = time.time()  # orders the trials as Tune started them (its trial ids are random)
     for row in table_trial(config, table=table, space=space):
-        tune.report({k: v for k, v in row.items() if isinstance(v, int | float | str | bool) and k != "trial_id"})
+        metrics = {k: v for k, v in row.items() if isinstance(v, int | float | str | bool) and k != "trial_id"}
+        tune.report({**metrics, "started_s": started_s})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,11 +486,13 @@ def tune_check(table: Table, name: str, seed: int, n_trials: int) -> dict[str, A
         ran = []
         for r in grid:
             df = r.metrics_dataframe
-            ran.append((int(df["config_id"].iloc[0]), int(df["epoch"].max()), r.metrics.get("trial_id")))
-    # Tune numbers trials in creation order (…_00000, …_00001): sort by that to get the sequence
+            ran.append((int(df["config_id"].iloc[0]), int(df["epoch"].max()), float(df["started_s"].iloc[0])))
+    # one trial at a time: the order Tune started them is the order the searcher suggested them
     ran.sort(key=lambda x: x[2])
     tune_seq = [(c, e) for c, e, _ in ran]
-    rep = replay(table, name, seed, budget=10 ** 9, concurrency=1)
+    # n_trials trials cost at most n_trials x epochs: enough for the first n_trials (an unbounded budget
+    # would replay a repeating searcher such as TPE forever)
+    rep = replay(table, name, seed, budget=n_trials * table.epochs, concurrency=1)
     mine = [(t["config_id"], t["epochs"]) for t in rep.trials[:n_trials]]
     return {"searcher": name, "seed": seed, "trials": n_trials, "tune_wall_s": wall,
             "tune_s_per_trial": wall / n_trials, "in_process_s_per_trial": rep.wall_s / max(1, len(rep.trials)),
@@ -656,6 +660,13 @@ def machine() -> dict[str, Any]:
             "optuna": optuna.__version__, "ray": ray.__version__, "load_avg_1min": os.getloadavg()[0]}
 
 
+def _repo_relative(value: Any) -> Any:
+    """A path inside the repository as a relative path (no machine paths in the committed JSON)."""
+    if isinstance(value, str) and value.startswith(str(ROOT) + os.sep):
+        return os.path.relpath(value, ROOT)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/search_efficiency.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--table", type=Path, default=DEFAULT_TABLE)
@@ -692,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              ("table", "configs", "complete_configs",
                                                               "missing_config_ids", "protocol", "total_wall_s",
                                                               "overrides")})
+        summary["table_meta"] = {k: _repo_relative(v) for k, v in summary["table_meta"].items()}
         if args.tune_check:
             summary["tune_check"] = tune_check(table, "tpe_asha", 0, args.tune_check)
             print(f"[search_efficiency] tune check: same trials = {summary['tune_check']['same_trials']}, "

@@ -1,7 +1,7 @@
 """The tabular benchmark's table: every evaluation of every configuration of a grid, trained once.
 
 ``python bench/search_table.py [--space bench/search_table_expw.yaml] [--out bench/results/search_table]
-[--name expw_grid] [--split-by loss.sigma | none] [--table-only] [a.b=c ...]``
+[--name expw_fast] [--split-by loss.sigma | none] [--table-only] [a.b=c ...]``
 
 Trains the grid of ``--space`` as ordinary studies (:func:`study.run.run_study`, the grid searcher, no
 ASHA: every configuration trains all its epochs): by default one grid study per value of ``--split-by``
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the space (first session only)")
     p.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="grid search space (study.searcher: grid)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the studies and the table go")
-    p.add_argument("--name", default="expw_grid", help="study and table name")
+    p.add_argument("--name", default="expw_fast", help="study and table name")
     p.add_argument("--split-by", default="loss.sigma",
                    help="train the grid as one grid study per value of this searched key, one after the other "
                         "(default loss.sigma; 'none': one study of the whole grid)")

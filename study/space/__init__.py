@@ -27,7 +27,7 @@ top-level blocks::
       # multi-objective instead of objective/mode (Pareto set -> pareto.csv/.parquet):
       # objectives: [val_mae_ext, val_bacc]; modes: [min, min] (default min for each);
       # prune_on: val_lc (the one scalar ASHA prunes on and checkpoints are ranked by; default val_lc)
-      asha: {grace_period: 50, reduction_factor: 3, brackets: 1}   # or null: no early stopping
+      asha: {grace_period: 150, reduction_factor: 3, brackets: 1}   # or null: no early stopping
       seed: 0                        # the searcher's seed (training.seed is the trials' seed)
       resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1}
       max_failures: 2                # restarts of a failed trial / DDP worker group (bounded)
