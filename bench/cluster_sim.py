@@ -174,7 +174,7 @@ standin_train.torch_backend = "gloo"  # type: ignore[attr-defined]
 
 
 def space_file(folder: Path, *, trials: int, epochs: int, gpus_per_trial: int, concurrency: int,
-               grace: int, reduction: int, searcher: str) -> Path:
+               grace: int, reduction: int, searcher: str, tune_loggers: bool = True) -> Path:
     """The simulated study's search-space YAML: smoke.yaml's tiny store, two searched keys, ASHA, GPU trials."""
     import yaml
 
@@ -185,7 +185,7 @@ def space_file(folder: Path, *, trials: int, epochs: int, gpus_per_trial: int, c
     d["study"].update(num_samples=trials, max_concurrent_trials=concurrency, searcher=searcher,
                       asha={"grace_period": grace, "reduction_factor": reduction},
                       resources={"num_workers": gpus_per_trial, "use_gpu": True, "cpus_per_worker": 1},
-                      checkpoints_to_keep=1, max_failures=1)
+                      checkpoints_to_keep=1, max_failures=1, tune_loggers=tune_loggers)
     path = folder / "cluster_sim.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return path
@@ -511,11 +511,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in env.items():  # before Ray starts: every node and worker inherits it
         os.environ.setdefault(key, value) if key in DEFAULT_ENV else os.environ.__setitem__(key, value)
     os.environ.pop("RAY_ADDRESS", None)
-    if args.tune_loggers == "off":
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     concurrency = args.concurrency or max(1, args.gpus // args.gpus_per_trial)
     space = space_file(tmp, trials=args.trials, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
-                       concurrency=concurrency, grace=args.grace, reduction=args.reduction, searcher=args.searcher)
+                       concurrency=concurrency, grace=args.grace, reduction=args.reduction, searcher=args.searcher,
+                       tune_loggers=args.tune_loggers == "default")
     from brainage_core.data.sources import resolve_store
     from study.space import load_search_space
 
@@ -615,7 +614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wall-s", type=float, default=0.0,
                    help="end the study (SIGINT, as Ctrl-C) after this many seconds and measure what ran")
     p.add_argument("--tune-loggers", choices=("default", "off"), default="default",
-                   help="off: TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 (no result.json / progress.csv / TensorBoard "
+                   help="off: study.tune_loggers: false (no result.json / progress.csv / TensorBoard "
                         "files per trial), to measure what Tune's default loggers cost the driver")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")

@@ -85,7 +85,7 @@ def _loopback_node():
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
+def environment(values: dict[str, str]) -> Iterator[None]:
     """While inside: ``os.environ`` also holds ``values`` (the processes started meanwhile inherit them).
 
     Only the keys of ``values`` are restored on exit, not the whole environment (so not
@@ -113,7 +113,7 @@ def local_ray_init(**kwargs) -> object:
     address_before = os.environ.get("RAY_ADDRESS")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            with _loopback_node(), _environment(NO_CLUSTER_ENV):
+            with _loopback_node(), environment(NO_CLUSTER_ENV):
                 # address "local": a new Ray even when `ray start` left a cluster on this machine
                 # (/tmp/ray/ray_current_cluster), which ray.init() would join and then refuse num_cpus
                 return ray.init(_node_ip_address=LOOPBACK, **{"address": "local", **kwargs})

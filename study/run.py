@@ -82,6 +82,9 @@ _write_folder = write_folder
 #: (bench/study_overhead.py). DDP trials only where study.train_run can abort a stopped trial's Train run
 #: (reusing a trial blocked in TorchTrainer.fit() made the next trial fail, ray-notes.md).
 REUSE_ACTORS = True
+#: the driver's environment while Tune runs a study with ``study.tune_loggers: false``: Tune's documented
+#: switch for its automatic JSON / CSV / TensorBoard logger callbacks
+TUNE_LOGGERS_OFF = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
 FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT", "RAY_TRAIN_ENABLE_STATE_TRACKING")
 #: forwarded too when the study folder is on an object store: credentials, endpoints, regions
@@ -145,13 +148,17 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
     print(f"[study] Optuna dashboard: optuna-dashboard {storage_url or optuna_storage_url(study.study_dir)}",
           flush=True)
-    print(f"[study] TensorBoard: tensorboard --logdir {study.folder.child('tune')}", flush=True)
+    if study.space.study.tune_loggers:
+        print(f"[study] TensorBoard: tensorboard --logdir {study.folder.child('tune')}", flush=True)
     trainable, concurrency = _trainable(study)
     no_retry_on_input_errors()
     INPUT_ERRORS.clear()
     WRITE_ERRORS.clear()
     try:
-        results = _fit(_tuner(study, trainable, concurrency, storage_url, optuna_copy), study.folder)
+        from study.ray_runtime import environment
+
+        with environment(TUNE_LOGGERS_OFF if not study.space.study.tune_loggers else {}):
+            results = _fit(_tuner(study, trainable, concurrency, storage_url, optuna_copy), study.folder)
     finally:
         if info.connected_here:  # also a joined cluster: disconnecting stops the forwarded worker logs, so
             ray.shutdown()       # that nothing is printed after the study's last line

@@ -14,7 +14,7 @@ def test_processes_started_during_a_local_ray_init_are_told_the_machine_is_no_cl
     # 127.0.0.1 to itself, not to the host's public address where a loopback-only Ray does not listen.
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     probe = "import ray.util; print(ray.util.get_node_ip_address())"  # what Ray resolves 127.0.0.1 to
-    with ray_runtime._environment(ray_runtime.NO_CLUSTER_ENV):
+    with ray_runtime.environment(ray_runtime.NO_CLUSTER_ENV):
         inside = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert inside.strip() == "127.0.0.1"
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # restored afterwards
@@ -23,7 +23,7 @@ def test_processes_started_during_a_local_ray_init_are_told_the_machine_is_no_cl
 def test_the_environment_is_restored_after_an_error(monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     try:
-        with ray_runtime._environment(ray_runtime.NO_CLUSTER_ENV):
+        with ray_runtime.environment(ray_runtime.NO_CLUSTER_ENV):
             assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
             raise RuntimeError("ray.init failed")
     except RuntimeError:
@@ -36,7 +36,7 @@ def test_what_ray_init_sets_meanwhile_stays(monkeypatch):
     # (study/run.py --address) connect only if they inherit it. Restoring the whole environment lost it.
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    with ray_runtime._environment(ray_runtime.NO_CLUSTER_ENV):
+    with ray_runtime.environment(ray_runtime.NO_CLUSTER_ENV):
         os.environ["RAY_AUTH_MODE"] = "token"
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ

@@ -29,8 +29,9 @@ ROOT = REPO = Path(__file__).resolve().parents[1]
 # starts Ray and runs study commands in subprocesses (make test-fast leaves it out)
 pytestmark = pytest.mark.slow
 
-#: the search space and overrides of :func:`smoke_study`: smoke.yaml in-trial (one worker per trial) on 40 subjects
-SMOKE_STUDY_ARGS = ("study.resources.num_workers=1", "data.synthetic.subjects=40")
+#: the search space and overrides of :func:`smoke_study`: smoke.yaml in-trial (one worker per trial) on 40 subjects,
+#: without Tune's per-trial loggers (report, export and final read results.parquet and the checkpoints only)
+SMOKE_STUDY_ARGS = ("study.resources.num_workers=1", "data.synthetic.subjects=40", "study.tune_loggers=false")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,17 @@ def smoke_study(tmp_path_factory, store_cache) -> dict:
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return {"dir": root / "studies" / "smoke", "env": env, "proc": proc}
+
+
+def test_tune_loggers_off_writes_no_tune_log_files(smoke_study):
+    tune_dir = smoke_study["dir"] / "tune"
+    trial_dirs = [p for p in tune_dir.iterdir() if p.is_dir()]
+    assert trial_dirs  # Tune's trial folders still hold the checkpoints
+    logs = [p.name for d in trial_dirs for p in d.iterdir() if p.name in ("result.json", "progress.csv")
+            or p.name.startswith("events.out.tfevents")]
+    assert logs == []
+    assert "TensorBoard" not in smoke_study["proc"].stdout
+    assert (smoke_study["dir"] / "results.parquet").exists()
 
 
 def _images(html: str) -> int:

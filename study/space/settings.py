@@ -59,6 +59,10 @@ class StudySettings:
     resources: Resources = section(Resources)
     max_failures: int = setting(2, ge=0)
     checkpoints_to_keep: int = setting(2, ge=1)
+    #: Tune's per-trial loggers (result.json, progress.csv, TensorBoard events under tune/). Off
+    #: (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS) halves the driver's CPU and memory per trial in studies of
+    #: hundreds of short trials (docs/cluster-sim.md); results.parquet holds every result either way
+    tune_loggers: bool = setting(True)
     #: what the searcher optimises: ``(objective,)`` for a single objective; with several, ``objective``
     #: and ``mode`` are ``prune_on`` and its mode (ASHA, checkpoint ranking, progress table)
     objectives: tuple[str, ...] = field(default=())
@@ -200,6 +204,7 @@ def parse_study(d: Mapping[str, Any], config: cfgmod.ExperimentConfig, source: s
         resources=_parse_resources(d, config, source),
         max_failures=_value(d, "max_failures", source),
         checkpoints_to_keep=_value(d, "checkpoints_to_keep", source),
+        tune_loggers=_value(d, "tune_loggers", source),
         objectives=objectives,
         modes=modes,
     )
