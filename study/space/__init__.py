@@ -32,6 +32,8 @@ top-level blocks::
       resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1}
       max_failures: 2                # restarts of a failed trial / DDP worker group (bounded)
       checkpoints_to_keep: 2         # per trial, best by the objective (the latest is always kept)
+      tune_loggers: true             # Tune's per-trial JSON/CSV/TensorBoard loggers (false: large studies)
+      # population_size: 8           # nsga2 only: trials per generation (default: Optuna's 50)
 
 Where each part lives: ``params.py`` the ``search:`` block (distributions, conditional parameters,
 Optuna names); ``settings.py`` the ``study:`` block (its keys are a schema checked by the config's
