@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +322,23 @@ def copy_sqlite(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
 # --------------------------------------------------------------------------------------------------
 
 
+#: how long a submission retries while the dashboard has no job agent yet (a cluster that has just started)
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_an_agent_is_up(submit: Callable[[], str], wait_s: float = AGENT_WAIT_S) -> str:
+    """``submit()``, retried every 2 s for up to ``wait_s`` while Ray answers "No available agent to submit
+    job, please try again later" (its job agents register some seconds after the head node starts)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return submit()
+        except RuntimeError as exc:
+            if "No available agent to submit job" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str, run_args: Sequence[str], code: str,
                  env: dict[str, str], python: str = "python", poll_s: float = 2.0,
                  submission_id: str | None = None, out: Any = None) -> int:
@@ -357,8 +374,9 @@ def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str
     if env:
         runtime_env["env_vars"] = dict(env)
     entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "study.run", str(staged), *run_args])
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                               metadata={"brainage_study": Path(space_path).name})
+    job_id = _submit_when_an_agent_is_up(
+        lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                  metadata={"brainage_study": Path(space_path).name}))
     print(f"[submit] job {job_id} submitted to {url}: {entrypoint}", file=out, flush=True)
     print(f"[submit] dashboard Jobs view: {url}/#/jobs/{job_id}", file=out, flush=True)
     shown = 0

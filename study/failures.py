@@ -40,9 +40,10 @@ WRITE_ERRORS: list[str] = []
 INPUT_ERRORS: dict[str, str] = {}
 
 
-def cause_of(error: BaseException | None) -> str:
+def cause_of(error: BaseException | str | None) -> str:
     """One line saying why a trial failed: the deterministic cause when there is one, else the last
-    line of Ray's error text (the exception raised in the trial)."""
+    line of Ray's error text (the exception raised in the trial). ``error`` may be the text alone (Tune's
+    ``Result.error`` for a trial whose error could not be unpickled)."""
     from study.trial import input_error_of, one_line
 
     cause = input_error_of(error)

@@ -70,6 +70,11 @@ DEFAULT_ENV = {
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
     # The dashboard's Train state API (/api/train/v2/runs: runs, attempts, workers of the DDP trials).
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+    # A reused trial process waits this long for the previous trial's thread to end before Tune gives up
+    # on the reuse and errors the next trial ("Trainable runner reuse requires reset_config() ... return
+    # True"). The thread of a stopped DDP trial ends within study.train_run.ABORT_WAIT_S on an idle
+    # machine; Tune's 2 s were exceeded under load (CI: 2 of 20 simulated DDP trials errored).
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "10",
 }
 
 

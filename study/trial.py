@@ -113,6 +113,8 @@ def input_error_of(exc: BaseException | None) -> BaseException | None:
             continue
         if isinstance(current, TrialInputError | BrainageError | NonFiniteLossError):
             return current
+        if not isinstance(current, BaseException):  # Tune's Result.error can be the error's text only
+            continue
         todo += [getattr(current, "_base_exc", None), current.__cause__, current.__context__]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):

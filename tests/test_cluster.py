@@ -220,3 +220,32 @@ def test_submit_runs_the_study_as_a_ray_job(two_nodes, tmp_path, store_cache):
     assert len(ours) == 1 and ours[0]["status"] == "SUCCEEDED", jobs
     assert "--name submitted" in ours[0]["entrypoint"]
     assert yaml.safe_load((tmp_path / "studies" / "submitted" / "config.yaml").read_text())["training"]["epochs"] == 1
+
+
+def test_submission_waits_for_the_job_agent(monkeypatch):
+    from study import cluster
+
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    answers = [RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
+                            "again later.."), RuntimeError("Request failed with status code 500: No available agent "
+                                                           "to submit job, please try again later.."), "job-1"]
+
+    def submit():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert cluster._submit_when_an_agent_is_up(submit) == "job-1"
+    with pytest.raises(RuntimeError, match="status code 400"):  # any other error at once
+        cluster._submit_when_an_agent_is_up(lambda: (_ for _ in ()).throw(RuntimeError("status code 400")))
+    with pytest.raises(RuntimeError, match="No available agent"):  # and this one after the wait
+        cluster._submit_when_an_agent_is_up(
+            lambda: (_ for _ in ()).throw(RuntimeError("No available agent to submit job")), wait_s=-1)
+
+
+def test_the_cause_of_a_failure_known_only_as_text():
+    from study.failures import cause_of
+
+    assert cause_of("Traceback ...\nTrainable runner reuse requires reset_config() to be implemented") == \
+        "Trainable runner reuse requires reset_config() to be implemented"
