@@ -76,6 +76,9 @@ DEFAULT_ENV = {
     # machine; Tune's 2 s were exceeded under load (CI: 2 of 20 simulated DDP trials errored).
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "10",
 }
+#: the keys of :data:`DEFAULT_ENV` read in the trial processes themselves: also a job-level ``env_vars``,
+#: so that the processes of a joined cluster (started before this job) get them
+TRIAL_PROCESS_ENV = ("RAY_TRAIN_ENABLE_STATE_TRACKING", "TUNE_FUNCTION_THREAD_TIMEOUT_S")
 
 
 def _is_loopback_address(address: str) -> bool:
@@ -177,8 +180,8 @@ def start_ray(resources: Resources, max_concurrent_trials: int, env: dict[str, s
     Ray is already initialised here. ``address`` (else ``$RAY_ADDRESS``) joins an existing cluster;
     ``dashboard_host`` binds the dashboard of a Ray started here (the caller checks exposure rules).
     """
-    if env is not None:  # Train's state tracking is read in each trial process: a joined cluster needs it too
-        env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": DEFAULT_ENV["RAY_TRAIN_ENABLE_STATE_TRACKING"], **env}
+    if env is not None:  # read in each trial process: a joined cluster's processes need them from the job too
+        env = {**{key: DEFAULT_ENV[key] for key in TRIAL_PROCESS_ENV}, **env}
     runtime_env = {**(runtime_env or {}), **({"env_vars": dict(env)} if env else {})} or None
     address = address or os.environ.get("RAY_ADDRESS")
     for key, value in DEFAULT_ENV.items():

@@ -226,22 +226,24 @@ def test_submission_waits_for_the_job_agent(monkeypatch):
     from study import cluster
 
     monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
-    answers = [RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
-                            "again later.."), RuntimeError("Request failed with status code 500: No available agent "
-                                                           "to submit job, please try again later.."), "job-1"]
+    no_agent = "Request failed with status code 500: No available agent to submit job, please try again later.."
 
-    def submit():
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    def answers(*replies):
+        replies = list(replies)
 
-    assert cluster._submit_when_an_agent_is_up(submit) == "job-1"
+        def submit():
+            reply = replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        return submit
+
+    assert cluster._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), RuntimeError(no_agent), "job-1")) \
+        == "job-1"
     with pytest.raises(RuntimeError, match="status code 400"):  # any other error at once
-        cluster._submit_when_an_agent_is_up(lambda: (_ for _ in ()).throw(RuntimeError("status code 400")))
-    with pytest.raises(RuntimeError, match="No available agent"):  # and this one after the wait
-        cluster._submit_when_an_agent_is_up(
-            lambda: (_ for _ in ()).throw(RuntimeError("No available agent to submit job")), wait_s=-1)
+        cluster._submit_when_an_agent_is_up(answers(RuntimeError("status code 400"), "job-1"))
+    with pytest.raises(RuntimeError, match="No available agent"):  # and this one once the wait is over
+        cluster._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), "job-1"), wait_s=-1)
 
 
 def test_the_cause_of_a_failure_known_only_as_text():

@@ -40,3 +40,22 @@ def test_what_ray_init_sets_meanwhile_stays(monkeypatch):
         os.environ["RAY_AUTH_MODE"] = "token"
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+
+def test_a_joined_cluster_gets_the_trial_process_settings_as_job_env(monkeypatch):
+    # The processes of a cluster started before the study do not inherit the driver's DEFAULT_ENV: the keys
+    # read in the trial processes (Train's state tracking, Tune's reuse wait) travel as the job's env_vars.
+    from types import SimpleNamespace
+
+    from study.space.settings import Resources
+
+    seen = {}
+    monkeypatch.setattr(ray_runtime.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_runtime.ray, "init", lambda **kw: seen.update(kw) or SimpleNamespace(dashboard_url=""))
+    monkeypatch.setattr(ray_runtime.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    ray_runtime.start_ray(Resources(), 1, {"BRAINAGE_CACHE": "/cache"}, address="10.0.0.1:6379")
+    env_vars = seen["runtime_env"]["env_vars"]
+    assert env_vars["BRAINAGE_CACHE"] == "/cache"
+    for key in ray_runtime.TRIAL_PROCESS_ENV:
+        assert env_vars[key] == ray_runtime.DEFAULT_ENV[key]
+    assert env_vars["TUNE_FUNCTION_THREAD_TIMEOUT_S"] == "10"
