@@ -174,7 +174,8 @@ standin_train.torch_backend = "gloo"  # type: ignore[attr-defined]
 
 
 def space_file(folder: Path, *, trials: int, epochs: int, gpus_per_trial: int, concurrency: int,
-               grace: int, reduction: int, searcher: str, tune_loggers: bool = True) -> Path:
+               grace: int, reduction: int, searcher: str, tune_loggers: bool = True,
+               checkpoints_to_keep: int = 1) -> Path:
     """The simulated study's search-space YAML: smoke.yaml's tiny store, two searched keys, ASHA, GPU trials."""
     import yaml
 
@@ -185,7 +186,7 @@ def space_file(folder: Path, *, trials: int, epochs: int, gpus_per_trial: int, c
     d["study"].update(num_samples=trials, max_concurrent_trials=concurrency, searcher=searcher,
                       asha={"grace_period": grace, "reduction_factor": reduction},
                       resources={"num_workers": gpus_per_trial, "use_gpu": True, "cpus_per_worker": 1},
-                      checkpoints_to_keep=1, max_failures=1, tune_loggers=tune_loggers)
+                      checkpoints_to_keep=checkpoints_to_keep, max_failures=1, tune_loggers=tune_loggers)
     path = folder / "cluster_sim.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     return path
@@ -514,7 +515,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     concurrency = args.concurrency or max(1, args.gpus // args.gpus_per_trial)
     space = space_file(tmp, trials=args.trials, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
                        concurrency=concurrency, grace=args.grace, reduction=args.reduction, searcher=args.searcher,
-                       tune_loggers=args.tune_loggers == "default")
+                       tune_loggers=args.tune_loggers == "default",
+                       checkpoints_to_keep=args.checkpoints_to_keep)
     from brainage_core.data.sources import resolve_store
     from study.space import load_search_space
 
@@ -616,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-loggers", choices=("default", "off"), default="default",
                    help="off: study.tune_loggers: false (no result.json / progress.csv / TensorBoard "
                         "files per trial), to measure what Tune's default loggers cost the driver")
+    p.add_argument("--checkpoints-to-keep", type=int, default=1,
+                   help="study.checkpoints_to_keep: Tune forces an experiment snapshot whenever a trial has "
+                        "checkpointed this many times since the last one (1: at every evaluation)")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")
     p.add_argument("--cache", type=Path, help="BRAINAGE_CACHE (the tiny store; default: inside the workdir)")
