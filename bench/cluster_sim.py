@@ -210,12 +210,15 @@ def start_simulated_ray(*, gpus: int, nodes: int, cpus: int) -> Any:
         raise SystemExit(f"--gpus {gpus} and CPUs {cpus} must divide by --nodes {nodes}")
     import socket
 
-    with socket.socket() as sock:  # Cluster's head does not retry an occupied dashboard port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    def free_port() -> int:  # Cluster's head does not retry an occupied dashboard (or agent) port
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": cpus // nodes, "num_gpus": gpus // nodes, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": port, "object_store_memory": 100 * 2**20})
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
+        "object_store_memory": 100 * 2**20})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=cpus // nodes, num_gpus=gpus // nodes, object_store_memory=100 * 2**20)
     ray.init(address=cluster.address, logging_level=logging.WARNING)

@@ -325,17 +325,29 @@ def copy_sqlite(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
 #: how long a submission retries while the dashboard has no job agent yet (a cluster that has just started)
 AGENT_WAIT_S = 60.0
 
+NO_AGENT = "No available agent to submit job"
 
-def _submit_when_an_agent_is_up(submit: Callable[[], str], wait_s: float = AGENT_WAIT_S) -> str:
+
+def _submit_when_an_agent_is_up(submit: Callable[[], str], wait_s: float = AGENT_WAIT_S, url: str = "") -> str:
     """``submit()``, retried every 2 s for up to ``wait_s`` while Ray answers "No available agent to submit
-    job, please try again later" (its job agents register some seconds after the head node starts)."""
+    job, please try again later" (its job agents register some seconds after the head node starts).
+
+    Raises ConfigError when the head node's agent is still missing after ``wait_s``: Ray's jobs API only uses
+    the head node's dashboard agent, and an agent whose HTTP port was taken stays up without registering."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             return submit()
         except RuntimeError as exc:
-            if "No available agent to submit job" not in str(exc) or time.monotonic() > deadline:
+            if NO_AGENT not in str(exc):
                 raise
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"--submit: the Ray jobs API at {url or 'the dashboard'} still had no job agent after "
+                    f"{wait_s:g} s ({NO_AGENT}): expected the head node's dashboard agent to serve HTTP. Its port "
+                    f"(`ray start --head --dashboard-agent-listen-port`, 52365 by default) is probably held by "
+                    f"another Ray on the head node; its logs/dashboard_agent.log says 'Failed to start HTTP "
+                    f"server'. Restart the head node with a free --dashboard-agent-listen-port") from None
             time.sleep(2.0)
 
 
@@ -376,7 +388,7 @@ def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str
     entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "study.run", str(staged), *run_args])
     job_id = _submit_when_an_agent_is_up(
         lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                  metadata={"brainage_study": Path(space_path).name}))
+                                  metadata={"brainage_study": Path(space_path).name}), url=url)
     print(f"[submit] job {job_id} submitted to {url}: {entrypoint}", file=out, flush=True)
     print(f"[submit] dashboard Jobs view: {url}/#/jobs/{job_id}", file=out, flush=True)
     shown = 0

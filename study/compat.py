@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr",
-           "controller_start_method", "datasets_callback_class", "default_callbacks_method", "enable_token_auth",
+           "controller_start_method", "datasets_callback_class", "default_callbacks_method", "token_auth",
            "failure_policy_classes", "joined_dashboard_url", "loopback_node", "missing", "optuna_completed",
            "optuna_intermediate_values", "optuna_study", "optuna_trials", "report_queue",
            "train_report_logger_name", "tune_session", "user_exception_class", "worker_group_callback_class"]
@@ -95,6 +96,10 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "tests/test_study_failures.py", "the wrapper Train puts around a worker's exception"),
     PrivateSymbol("ray._private.authentication.authentication_token_setup", "_enable_token_auth", "import",
                   "tests/test_cluster.py", "token authentication for a test Ray started in-process"),
+    PrivateSymbol("ray._raylet", "AuthenticationTokenLoader", "import", "tests/test_cluster.py",
+                  "its cached token re-read after the test sets RAY_AUTH_TOKEN_PATH"),
+    PrivateSymbol("ray._raylet", "Config", "import", "tests/test_cluster.py",
+                  "Ray's cached config re-read after the test restores RAY_AUTH_MODE"),
 )
 
 
@@ -228,11 +233,32 @@ def user_exception_class() -> type:
     return UserExceptionWithTraceback
 
 
-def enable_token_auth() -> None:
-    """Turn Ray's token authentication on for a Ray about to start in this process (tests)."""
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+@contextlib.contextmanager
+def token_auth(token_file: str | os.PathLike[str]) -> Iterator[None]:
+    """Ray's token authentication on, with the token in ``token_file``, for a Ray started in this process
+    while the block runs (tests); the previous mode and token path come back afterwards.
 
+    Sets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` for this process and its children, and makes
+    Ray re-read both (its config and token loader cache what they read first). A Ray started with
+    ``ray.cluster_utils.Cluster`` creates no token (``ray.init`` would write ``~/.ray/auth_token``), and its
+    GCS aborts when token mode is on and no token exists: hence the explicit file."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     _enable_token_auth()
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 # --- ASHA and OptunaSearch (study/searcher.py) -------------------------------------------------------------

@@ -112,29 +112,34 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(tmp_path_factory):
+    import secrets
+
     from ray.cluster_utils import Cluster
 
-    from study.compat import enable_token_auth
+    from study.compat import token_auth
 
-    saved = os.environ.get("RAY_AUTH_MODE")
-    # Token authentication on, as a real cluster should run: sets RAY_AUTH_MODE=token for this process
-    # (and the study processes it starts) and refreshes Ray's cached config, which read the mode at import.
-    enable_token_auth()
+    # Token authentication on, as a real cluster should run, for this process and the study processes it
+    # starts. The token is this module's own file, so the module runs alone on a machine that has no
+    # ~/.ray/auth_token yet.
+    token_file = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
     dashboard_port = free_port()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "redis_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port, "object_store_memory": 100 * 2**20})
-    try:
-        c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-        c.wait_for_nodes()
-        yield c, f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        c.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
+    with token_auth(token_file):
+        # The head's dashboard agent gets a free port too: at its default (52365) it loses the port to any
+        # other Ray on this machine (the other test worker's), stays up without HTTP, and the jobs API, which
+        # only uses the head node's agent, answers "No available agent" for ever.
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "redis_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_port(),
+            "object_store_memory": 100 * 2**20})
+        try:
+            c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+            c.wait_for_nodes()
+            yield c, f"http://127.0.0.1:{dashboard_port}"
+        finally:
+            c.shutdown()
 
 
 def study_env(tmp_path, store_cache):
@@ -209,7 +214,7 @@ def test_submit_runs_the_study_as_a_ray_job(two_nodes, tmp_path, store_cache):
     assert df["trial_id"].nunique() == 1
 
     token = cluster.read_auth_token()
-    assert token, "token authentication is on: ~/.ray/auth_token or RAY_AUTH_TOKEN must exist"
+    assert token, "token authentication is on: the fixture's RAY_AUTH_TOKEN_PATH file must hold the token"
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=30)
     assert info.value.code in (401, 403)
@@ -242,8 +247,10 @@ def test_submission_waits_for_the_job_agent(monkeypatch):
         == "job-1"
     with pytest.raises(RuntimeError, match="status code 400"):  # any other error at once
         cluster._submit_when_an_agent_is_up(answers(RuntimeError("status code 400"), "job-1"))
-    with pytest.raises(RuntimeError, match="No available agent"):  # and this one once the wait is over
-        cluster._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), "job-1"), wait_s=-1)
+    with pytest.raises(ConfigError, match="dashboard-agent-listen-port") as info:  # once the wait is over
+        cluster._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), "job-1"), wait_s=-1,
+                                            url="http://head:8265")
+    assert "http://head:8265" in str(info.value) and "No available agent" in str(info.value)
 
 
 def test_the_cause_of_a_failure_known_only_as_text():

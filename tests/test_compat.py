@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: what a private Ray/Optuna reference looks like in source (module paths and attributes in compat's list)
 PRIVATE_PATTERN = re.compile(
     r"ray\.[\w.]*_internal|ray\._private|_TrainSession|_create_default_callbacks|_training_actor_item_queue"
-    r"|\._time_attr\b|\._max_t\b|\._ot_trials\b|\._ot_study\b|\._completed_trials\b|\._trial_id\b|_enable_token_auth"
+    r"|\._time_attr\b|\._max_t\b|\._ot_trials\b|\._ot_study\b|\._completed_trials\b|\._trial_id\b|_enable_token_auth|ray\._raylet"
 )
 
 
