@@ -96,17 +96,9 @@ def load_study(path: str | Path) -> Study:
     if not path.is_dir():
         raise DataError(f"study folder {path} does not exist; expected a folder written by study/run.py")
     results_path = path / RESULTS_FILE
-    if not results_path.is_file():
-        raise DataError(f"{results_path} not found; expected the study's results table (has any trial reported yet?)")
-    try:
-        results = pd.read_parquet(results_path)
-    except Exception as exc:  # pyarrow raises several unrelated types
-        raise DataError(f"{results_path} is not a readable parquet table: {exc}") from exc
-    missing = [c for c in ("trial_id", "epoch") if c not in results.columns]
-    if missing:
-        raise DataError(
-            f"{results_path} lacks the column(s) {', '.join(missing)}; expected one row per trial × evaluation"
-        )
+    from study.results import read_results
+
+    results = read_results(results_path)  # with the journal of a study that is running or was killed
     config_path = path / CONFIG_FILE
     config: dict = {}
     if config_path.is_file():

@@ -30,8 +30,8 @@ What the JSON holds (``--out``, default ``bench/results/cluster_sim.json``):
   the same from a trial's last report to the next trial's first epoch (both delays together);
 - ``driver_rss``: the driver's RSS against the number of trials started and finished, with the slope
   (KB per finished trial, least squares over the second half of the study);
-- ``writes``: ``results.parquet`` rewrites and Optuna storage writes (count, per second, seconds per
-  write against the table's size);
+- ``writes``: changes to ``results.parquet`` (journal appends, and the whole-table rewrites among them) and
+  Optuna storage writes (count, per second, seconds per write against the table's size);
 - ``wall_s`` against ``ideal_s`` (sum over trials of epochs run x ``--epoch-s`` x GPUs per trial / GPUs);
 - ``asha``: how many trials stopped at each epoch and how many completed;
 - ``check``: every trial has all its reported epochs as rows of ``results.parquet``, no trial left
@@ -236,7 +236,8 @@ class Probe:
     def __init__(self, events: Path, gpus: int, sample_s: float):
         self.events, self.gpus, self.sample_s = events, gpus, sample_s
         self.samples: list[dict[str, float]] = []
-        self.results_writes: list[tuple[float, int, float]] = []  # (t, rows, seconds)
+        self.results_writes: list[tuple[float, int, float]] = []  # (t, rows, seconds) per change
+        self.results_rewrites = 0  # whole-table rewrites among them (study.results: every COMPACT_EVERY_S)
         self.optuna_writes: list[tuple[float, str, float]] = []
         self.finished = 0
         self.delivered: dict[str, set[int]] = {}  # trial id -> epochs whose result reached the driver
@@ -250,19 +251,24 @@ class Probe:
         from study.results import ResultsTable
 
         probe = self
-        write, set_status = ResultsTable.write, ResultsTable.set_status
+        record, compact, set_status = ResultsTable._record, ResultsTable.compact, ResultsTable.set_status
 
-        def timed_write(table: Any) -> None:
+        def timed_record(table: Any, op: dict) -> None:  # one change: a journal append or a whole rewrite
             t0 = time.perf_counter()
-            write(table)
+            record(table, op)
             probe.results_writes.append((time.time(), len(table.rows), time.perf_counter() - t0))
+
+        def counted_compact(table: Any) -> None:
+            probe.results_rewrites += 1
+            compact(table)
 
         def counted_status(table: Any, trial_id: str, status: str) -> None:
             if status in ("completed", "pruned", "error"):
                 probe.finished += 1
             set_status(table, trial_id, status)
 
-        ResultsTable.write, ResultsTable.set_status = timed_write, counted_status
+        ResultsTable._record, ResultsTable.compact = timed_record, counted_compact
+        ResultsTable.set_status = counted_status
         from ray.tune.callback import CallbackList
 
         for hook, kind in (("on_trial_start", "start"), ("on_trial_complete", "end"), ("on_trial_error", "end")):
@@ -447,6 +453,7 @@ def analyse(events: dict[str, list[dict]], probe: Probe, *, gpus: int, epoch_s: 
                        "driver_cpu_s": (probe.samples[-1]["cpu_s"] - probe.samples[0]["cpu_s"]) if probe.samples
                        else None},
         "writes": {"results": {"count": len(rw), "per_s": len(rw) / wall, "seconds_total": sum(w[2] for w in rw),
+                               "table_rewrites": probe.results_rewrites,
                                "seconds_per_write_by_rows": _by_rows(rw)},
                    "optuna": {"count": len(ow), "per_s": len(ow) / wall, "seconds_total": sum(w[2] for w in ow),
                               "seconds_per_write": _stats([w[2] for w in ow]),

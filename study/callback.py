@@ -171,7 +171,7 @@ def _make_callback_class():
                       "versions": package_versions()}
             self.table = ResultsTable(Path(self.study_dir) / "results.parquet", param_keys=self.space.keys,
                                       static=static, resume=True,
-                                      on_write=functools.partial(self.folder.upload, "results.parquet"))
+                                      on_write=self.folder.upload)
             self.written = 0
             self.started = time.time()
             self.table_printed = 0.0
@@ -192,9 +192,7 @@ def _make_callback_class():
         def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
             from study.trial import checkpoint_location
 
-            # Tune calls this right after on_trial_result: the path reaches the file with the trial's next row
-            # or status (or at the end), not by a second rewrite of the whole table per result
-            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint), write=False)
+            self.table.set_checkpoint(trial.trial_id, checkpoint_location(checkpoint))
 
         @_guard_writes
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from brainage_core.errors import BrainageError, ConfigError, DataError
+from study.results import read_results
 from study.storage import StudyFolder, fetch_tree, is_uri, join_location, location_exists
 
 RESULTS_FILE = "results.parquet"
@@ -79,21 +80,15 @@ def _local_checkpoint(location: str) -> Path:
     return fetch_tree(location, cache_dir_of() / "checkpoints" / digest)
 
 
-def read_results(study_dir: str | Path) -> pd.DataFrame:
-    """``STUDY_DIR/results.parquet`` (a URI: read from the study's local mirror, downloaded first);
-    ``DataError`` naming the file when the folder or table is missing."""
+def study_results(study_dir: str | Path) -> pd.DataFrame:
+    """The results of the study in ``study_dir`` (``study.results.read_results``; a URI: read from the
+    study's local mirror, downloaded first); ``DataError`` naming the folder or file when one is missing."""
     if is_uri(study_dir):
         study_dir = StudyFolder(study_dir).materialize()
     study_dir = Path(study_dir)
-    path = study_dir / RESULTS_FILE
     if not study_dir.is_dir():
         raise DataError(f"study folder {study_dir} does not exist; expected a folder written by study/run.py")
-    if not path.is_file():
-        raise DataError(f"{path} not found; expected the study's results table (has any trial reported yet?)")
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several unrelated types
-        raise DataError(f"{path} is not a readable parquet table: {exc}") from exc
+    return read_results(study_dir / RESULTS_FILE)
 
 
 def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFrame:
@@ -108,7 +103,7 @@ def rank_checkpoints(study_dir: str | Path, metric: str = "val_lc") -> pd.DataFr
     """
     study = StudyFolder(study_dir)
     study_dir = study.location
-    df = read_results(study.materialize())
+    df = study_results(study.materialize())
     metrics = [c for c in df.columns if c.startswith("val_") and pd.api.types.is_numeric_dtype(df[c])]
     if metric.startswith("test_"):
         raise ConfigError(

@@ -54,13 +54,12 @@ def cause_of(error: BaseException | str | None) -> str:
 
 
 def has_results(path: Path) -> bool:
-    if not path.exists():
-        return False
-    import pandas as pd
+    """Whether the results table at ``path`` (with its journal, ``study.results.read_results``) has a row."""
+    from study.results import read_results
 
     try:
-        return len(pd.read_parquet(path)) > 0
-    except Exception:  # noqa: BLE001 - an unreadable table holds no usable result
+        return len(read_results(path)) > 0
+    except Exception:  # noqa: BLE001 - an unreadable or missing table holds no usable result
         return False
 
 

@@ -42,6 +42,7 @@ import yaml
 from brainage_core.errors import BrainageError, ConfigError, DataError
 from brainage_core.evaluation.intervals import t_interval
 from brainage_core.metrics import METRICS, TEST_METRICS, VALIDATION_METRICS
+from study.results import read_results
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder
 
@@ -152,7 +153,7 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
     study_dir = folder.materialize()  # the local folder, or a remote one's mirror
     space = load_study_space(study_dir)
     metric, mode = _ranking(space, metric)
-    results = pd.read_parquet(study_dir / "results.parquet")
+    results = read_results(study_dir / "results.parquet")
     top = select_top(results, metric, mode, top_k, source=str(study_dir / "results.parquet"))
     items = final_trials(space, top, seeds)
 
@@ -254,6 +255,7 @@ def _record_results(grid: Any, space: SearchSpace, store: Any, study_dir: Path) 
             print(f"[final] trial {trial_id} (rank {final['rank']}, seed {final['seed']}) failed: "
                   f"{str(result.error).splitlines()[0] if result.error else 'no evaluation reported'}",
                   file=sys.stderr, flush=True)
+    table.flush()
     return per_seed
 
 

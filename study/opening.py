@@ -18,6 +18,7 @@ import yaml
 
 from brainage_core.config import config_differences
 from brainage_core.errors import ConfigError, DataError
+from study.results import journal_path, read_results
 from study.space import SearchSpace, load_search_space
 from study.storage import StudyFolder, is_uri, join_location
 
@@ -84,7 +85,8 @@ def check_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], 
             raise ConfigError(f"--resume: no study in {folder.location} (no config.yaml): run without --resume first")
         if folder.is_remote:
             folder.clear_mirror()
-            for rel in ("config.yaml", "space.yaml", "results.parquet", "optuna.db"):
+            for rel in ("config.yaml", "space.yaml", "results.parquet", journal_path("results.parquet").name,
+                        "optuna.db"):
                 folder.download(rel)
         try:
             before = yaml.safe_load(config_path.read_text())
@@ -96,17 +98,12 @@ def check_folder(folder: StudyFolder, space_path: Path, config: dict[str, Any], 
             raise ConfigError(f"--resume: {space_path} and overrides differ from {where} at "
                               f"{', '.join(changed[:5])}: expected the command that started the study")
         results = study_dir / "results.parquet"
-        if results.exists():
-            import pandas as pd
-
+        if results.exists() or journal_path(results).exists():
             try:
-                pd.read_parquet(results)
-            except Exception as exc:  # pyarrow raises several types
-                raise DataError(
-                    f"--resume: {folder.child('results.parquet')} is unreadable ({type(exc).__name__}: "
-                    f"{' '.join(str(exc).split())[:160]}); expected the study's results table: restore it from a "
-                    "backup, or move it away to resume with an empty table"
-                ) from None
+                read_results(results)
+            except DataError as exc:
+                raise DataError(f"--resume: {exc}: restore it from a backup, or move it away to resume with an "
+                                "empty table") from None
         return
     if folder.exists("tune") or folder.exists("config.yaml"):
         raise ConfigError(f"study folder {folder.location} already holds a study: add --resume to continue it, or "

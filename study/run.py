@@ -48,9 +48,11 @@ Optuna storage, builds the Tuner and reports the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,9 @@ REUSE_ACTORS = True
 #: the driver's environment while Tune runs a study with ``study.tune_loggers: false``: Tune's documented
 #: switch for its automatic JSON / CSV / TensorBoard logger callbacks
 TUNE_LOGGERS_OFF = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+#: the logger of Tune's ResultGrid, which warns once per trial that it found no result.json / progress.csv:
+#: with the loggers off there are none by design (every row is in results.parquet)
+RESULT_GRID_LOGGER = "ray.tune.analysis.experiment_analysis"
 #: environment variables forwarded to every trial and worker (job-level runtime_env)
 FORWARDED_ENV_PREFIXES = ("BRAINAGE_", "OPENBHB_ROOT", "RAY_TRAIN_ENABLE_STATE_TRACKING")
 #: forwarded too when the study folder is on an object store: credentials, endpoints, regions
@@ -157,7 +162,8 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
     try:
         from study.ray_runtime import environment
 
-        with environment(TUNE_LOGGERS_OFF if not study.space.study.tune_loggers else {}):
+        loggers_off = not study.space.study.tune_loggers
+        with environment(TUNE_LOGGERS_OFF if loggers_off else {}), _no_missing_metrics_warning(loggers_off):
             results = _fit(_tuner(study, trainable, concurrency, storage_url, optuna_copy), study.folder)
     finally:
         if info.connected_here:  # also a joined cluster: disconnecting stops the forwarded worker logs, so
@@ -284,6 +290,26 @@ def _tuner(study: Study, trainable: Any, concurrency: int, storage_url: str | No
     )
 
 
+class _MissingMetricsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics for")
+
+
+@contextlib.contextmanager
+def _no_missing_metrics_warning(active: bool) -> Iterator[None]:
+    """While the block runs (``active``: ``study.tune_loggers: false``), drop the ResultGrid's warning that
+    each trial has no result.json / progress.csv: without Tune's loggers that is the expected state."""
+    if not active:
+        yield
+        return
+    log, only = logging.getLogger(RESULT_GRID_LOGGER), _MissingMetricsFilter()
+    log.addFilter(only)
+    try:
+        yield
+    finally:
+        log.removeFilter(only)
+
+
 def _fit(tuner: Any, folder: StudyFolder) -> Any:
     """``tuner.fit()``; the study folder turning unwritable becomes one StudyFailed line."""
     try:
@@ -305,12 +331,10 @@ def _finish(study: Study, results: Any, optuna_copy: tuple[str, str] | None) -> 
         from study.cluster import copy_sqlite
 
         copy_sqlite(*optuna_copy)
-    if st.multi_objective and (study_dir / "results.parquet").exists():
-        import pandas as pd
+    if st.multi_objective and has_results(study_dir / "results.parquet"):
+        from study.results import read_results, write_pareto
 
-        from study.results import write_pareto
-
-        front = write_pareto(study_dir, pd.read_parquet(study_dir / "results.parquet"), st.objectives, st.modes,
+        front = write_pareto(study_dir, read_results(study_dir / "results.parquet"), st.objectives, st.modes,
                              on_write=folder.upload)
         print(f"[study] Pareto set ({', '.join(st.objectives)}): {len(front)} trial(s) in "
               f"{folder.child('pareto.csv')}", flush=True)

@@ -37,8 +37,8 @@ __all__ = ["StudyFolder", "URI_SCHEMES", "is_uri", "join_location", "fetch_tree"
 
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 #: the small files a reader of a study needs (analysis, final.py, export); big trees stay remote
-MATERIALIZED_FILES = ("config.yaml", "space.yaml", "results.parquet", "optuna.db", "pareto.csv", "pareto.parquet",
-                      "final.parquet", "final_summary.csv")
+MATERIALIZED_FILES = ("config.yaml", "space.yaml", "results.parquet", "results.journal.jsonl", "optuna.db",
+                      "pareto.csv", "pareto.parquet", "final.parquet", "final_summary.csv")
 MATERIALIZED_TREES = ("trials",)
 _PYARROW_SCHEMES = {"s3": "s3", "gcs": "gs", "gs": "gs", "abfs": "abfs", "hdfs": "hdfs"}
 

@@ -126,6 +126,7 @@ def trained_study(
         config = experiment_config(store, temperature=temperature, epochs=epochs, augment=augment)
         train(config, folder / "runs" / trial, callback=keep)
         table.set_status(trial, "completed")
+    table.flush()  # the study's end: the journal folded into results.parquet
     return folder
 
 

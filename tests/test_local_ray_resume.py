@@ -18,6 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from study.failures import has_results
+from study.results import read_results
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
@@ -37,13 +40,13 @@ def test_resume_at_once_after_a_killed_driver_with_its_own_ray(tmp_path):
     first = subprocess.Popen(_study(tmp_path, tmp_path / "cache"), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not results.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while not has_results(results) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # a row in results.parquet or in its journal
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-    assert results.exists(), "no result row within 600 s"
+    assert has_results(results), "no result row within 600 s"
     first.send_signal(signal.SIGKILL)  # the driver only: its Ray's agents are left to exit on their own
     first.wait()
-    before = pd.read_parquet(results)
+    before = read_results(results)  # what the killed driver left: the table and its journal
     assert len(before) == 1 and before["epoch"].tolist() == [1]
 
     try:

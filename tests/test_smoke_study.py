@@ -64,6 +64,9 @@ def test_tune_loggers_off_writes_no_tune_log_files(smoke_study):
     assert logs == []
     assert "TensorBoard" not in smoke_study["proc"].stdout
     assert (smoke_study["dir"] / "results.parquet").exists()
+    # nor the ResultGrid's warning, once per trial, that those files are missing
+    out = smoke_study["proc"].stdout + smoke_study["proc"].stderr
+    assert "Could not fetch metrics" not in out and "Failed to fetch metrics" not in out
 
 
 def _images(html: str) -> int:

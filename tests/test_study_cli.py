@@ -74,7 +74,7 @@ def test_unreadable_results_on_resume_is_one_line_before_ray(tmp_path):
     proc = run(["-m", "study.run", str(smoke), "--storage", str(tmp_path / "studies"), "--resume"], tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "results.parquet is unreadable" in lines[0] and "move it away" in lines[0]
+    assert "results.parquet is not a readable parquet table" in lines[0] and "move it away" in lines[0]
     assert "Ray" not in proc.stdout  # stopped before Ray started
 
 
@@ -92,23 +92,40 @@ def test_unwritable_study_folder_mid_run_stops_the_study_without_a_traceback(tmp
     table = ResultsTable(tmp_path / "study" / "results.parquet", param_keys=[], static={}, resume=False)
     table.rows[("t1", 1)] = {"trial_id": "t1", "epoch": 1, "status": "running", "val_mae_ext": 5.0}
 
-    def read_only():
-        raise PermissionError(13, "Permission denied", str(tmp_path / "study" / ".results.parquet.tmp"))
+    def read_only(op):  # every change of the table is a journal append (or a rewrite): both fail
+        raise PermissionError(13, "Permission denied", str(tmp_path / "study" / "results.journal.jsonl"))
 
-    table.write = read_only
+    table._record = read_only
     callback.table = table
     stopper = run_module.DoomedStudyStopper(2)
     run_module.WRITE_ERRORS.clear()
     try:
         assert not stopper.stop_all()
         callback.on_trial_error(0, [], SimpleNamespace(trial_id="t1"))  # no exception escapes into Tune
-        # the checkpoint path waits for the trial's next write (no table rewrite of its own)
         callback.on_checkpoint(0, [], SimpleNamespace(trial_id="t1"), SimpleNamespace(path="/ckpt", filesystem=None))
-        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))  # that write fails too, still no raise
-        assert stopper.stop_all() and len(run_module.WRITE_ERRORS) == 2
+        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))  # these writes fail too, still no raise
+        assert stopper.stop_all() and len(run_module.WRITE_ERRORS) == 3
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write the study folder (Permission denied" in err[0]
         message = run_module._unwritable(run_module.StudyFolder(str(tmp_path / "study")), run_module.WRITE_ERRORS[0])
         assert "became unwritable (Permission denied" in message and "--resume" in message
     finally:
         run_module.WRITE_ERRORS.clear()
+
+
+def test_missing_metrics_warning_is_dropped_only_with_the_loggers_off(caplog):
+    import logging
+
+    from study import run as study_run
+
+    log = logging.getLogger(study_run.RESULT_GRID_LOGGER)
+    missing = "Failed to fetch metrics for 2 trial(s):\n- trial_1: FileNotFoundError('Could not fetch metrics')"
+    with caplog.at_level(logging.WARNING, logger=study_run.RESULT_GRID_LOGGER):
+        with study_run._no_missing_metrics_warning(True):
+            log.warning(missing)
+            log.warning("another warning")
+        with study_run._no_missing_metrics_warning(False):
+            log.warning(missing)
+        log.warning(missing)  # the filter is gone after the block
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "another warning", "Failed to fetch metrics for 2 trial(s)", "Failed to fetch metrics for 2 trial(s)"]

@@ -70,7 +70,8 @@ def test_orphan_optuna_trials_of_a_killed_driver_are_failed_on_restore(tmp_path)
 
 def test_results_table_rewrites_atomically_and_replaces_re_reports(tmp_path):
     path = tmp_path / "results.parquet"
-    table = ResultsTable(path, param_keys=["loss.temperature"], static={"git_commit": "abc"}, resume=False)
+    table = ResultsTable(path, param_keys=["loss.temperature"], static={"git_commit": "abc"}, resume=False,
+                         compact_every_s=0)  # a rewrite at every change (tests/test_results_journal.py: batched)
     table.add("t1", {"loss.temperature": 0.1}, {"epoch": 1, "val_mae_ext": 5.0, "wall_s": 2.0}, seed=0)
     table.add("t1", {"loss.temperature": 0.1}, {"epoch": 2, "val_mae_ext": 4.0, "wall_s": 4.0}, seed=0)
     assert len(pd.read_parquet(path)) == 2
