@@ -522,6 +522,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in env.items():  # before Ray starts: every node and worker inherits it
         os.environ.setdefault(key, value) if key in DEFAULT_ENV else os.environ.__setitem__(key, value)
     os.environ.pop("RAY_ADDRESS", None)
+    if args.results_compact_every_s is not None:
+        import study.results
+
+        study.results.COMPACT_EVERY_S = args.results_compact_every_s
     concurrency = args.concurrency or max(1, args.gpus // args.gpus_per_trial)
     space = space_file(tmp, trials=args.trials, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
                        concurrency=concurrency, grace=args.grace, reduction=args.reduction, searcher=args.searcher,
@@ -631,6 +635,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints-to-keep", type=int, default=1,
                    help="study.checkpoints_to_keep: Tune forces an experiment snapshot whenever a trial has "
                         "checkpointed this many times since the last one (1: at every evaluation)")
+    p.add_argument("--results-compact-every-s", type=float, default=None,
+                   help="study.results.COMPACT_EVERY_S for the study's driver: the longest time between two "
+                        "whole rewrites of results.parquet (default: the project's, 10 s; 0: a rewrite at every "
+                        "change, as before the journal)")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")
     p.add_argument("--cache", type=Path, help="BRAINAGE_CACHE (the tiny store; default: inside the workdir)")

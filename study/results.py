@@ -186,17 +186,18 @@ class ResultsTable:
     ``static``: columns equal for every row (seed excluded: it is per trial), e.g. store_fingerprint,
     git_commit, versions. ``param_keys``: the searched dotted keys (column order). ``on_write(name)``: called
     with the file name after every write of the table or the journal (e.g. publishing it to an object store).
-    ``compact_every_s``: the longest time between two rewrites of the table (0: after every change).
+    ``compact_every_s``: the longest time between two rewrites of the table (0: after every change; None:
+    :data:`COMPACT_EVERY_S`, read when the table is made).
     """
 
     def __init__(self, path: str | Path, *, param_keys: list[str], static: Mapping[str, Any], resume: bool,
-                 on_write: Callable[[str], None] | None = None, compact_every_s: float = COMPACT_EVERY_S):
+                 on_write: Callable[[str], None] | None = None, compact_every_s: float | None = None):
         self.path = Path(path)
         self.journal = journal_path(self.path)
         self.on_write = on_write
         self.param_keys = list(param_keys)
         self.static = dict(static)
-        self.compact_every_s = compact_every_s
+        self.compact_every_s = COMPACT_EVERY_S if compact_every_s is None else compact_every_s
         self.rows: dict[Key, Row] = _read_rows(self.path) if resume else {}
         self.pending = 0  # journal operations not in the table yet
         self.compacted_at = time.monotonic()
