@@ -9,6 +9,7 @@ synthetic store of 5 subjects.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -302,3 +303,21 @@ def test_zscore_crop_model_is_exported_with_its_input_transform(world, augmented
     slope, intercept = np.polyfit(ages, meta["age_probe"].predict(feats), 1)
     assert meta["bias_correction"]["slope"] == pytest.approx(slope, abs=1e-6)
     assert meta["bias_correction"]["intercept"] == pytest.approx(intercept, abs=1e-5)
+
+
+def test_probes_study_bench_compares_the_protocols_on_real_checkpoints(world, tmp_path):
+    """bench/probes_study.py (docs/probes.md, part b) on the trained study: both protocols per trial, and the
+    fast age probe giving the exact protocol's MAEs (the same Ridge, computed in closed form)."""
+    sys.path.insert(0, str(REPO))
+    from bench.probes_study import main as probes_study
+
+    out = tmp_path / "probes_study.json"
+    assert probes_study([str(world["study"]), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["trials"] == 2 and len(report["per_trial"]) == 2
+    for trial in report["per_trial"]:
+        assert set(trial["exact"]["metrics"]) == set(trial["fast"]["metrics"]) >= {"val_mae_ext", "val_bacc"}
+        assert trial["exact"]["cpu_s"] > 0 and trial["fast"]["cpu_s"] > 0
+    for key in ("val_mae_int", "val_mae_ext", "test_mae_int", "test_mae_ext"):
+        assert report["summary"][key]["max_abs_diff"] < 1e-4, (key, report["summary"][key])
+    assert 0 <= report["summary"]["val_bacc"]["max_abs_diff"] <= 1
