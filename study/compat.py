@@ -94,8 +94,6 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "cleared during ray.init so that a local Ray keeps 127.0.0.1 as its node address"),
     PrivateSymbol("ray.train.v2._internal.exceptions", "UserExceptionWithTraceback", "import",
                   "tests/test_study_failures.py", "the wrapper Train puts around a worker's exception"),
-    PrivateSymbol("ray._private.authentication.authentication_token_setup", "_enable_token_auth", "import",
-                  "tests/test_cluster.py", "token authentication for a test Ray started in-process"),
     PrivateSymbol("ray._raylet", "AuthenticationTokenLoader", "import", "tests/test_cluster.py",
                   "its cached token re-read after the test sets RAY_AUTH_TOKEN_PATH"),
     PrivateSymbol("ray._raylet", "Config", "import", "tests/test_cluster.py",
@@ -242,23 +240,20 @@ def token_auth(token_file: str | os.PathLike[str]) -> Iterator[None]:
     Ray re-read both (its config and token loader cache what they read first). A Ray started with
     ``ray.cluster_utils.Cluster`` creates no token (``ray.init`` would write ``~/.ray/auth_token``), and its
     GCS aborts when token mode is on and no token exists: hence the explicit file."""
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
     from ray._raylet import AuthenticationTokenLoader, Config
 
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
-    _enable_token_auth()
-    AuthenticationTokenLoader.instance().reset_cache()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    from study.ray_runtime import environment
+
+    def reread() -> None:
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+
+    try:
+        with environment({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}):
+            reread()
+            yield
+    finally:
+        reread()
 
 
 # --- ASHA and OptunaSearch (study/searcher.py) -------------------------------------------------------------
