@@ -32,7 +32,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +170,12 @@ def run_final(study_dir: str | Path, *, top_k: int, seeds: int, metric: str | No
           f"{space.config.training.epochs} epochs each on the whole training split", flush=True)
 
     grid = _run_grid(space, spec, items, folder, address=address)
-    seed_df = pd.DataFrame(_record_results(grid, space, store, study_dir))
+    seed_df = pd.DataFrame(_record_results(grid, space, store, study_dir, on_write=folder.upload))
     summary = summarise(seed_df, space.keys)
     pd.concat([seed_df, summary], ignore_index=True).to_parquet(study_dir / "final.parquet", index=False)
     summary.to_csv(study_dir / "final_summary.csv", index=False)
     if folder.is_remote:
-        for rel in ("results.parquet", "final.parquet", "final_summary.csv"):
+        for rel in ("final.parquet", "final_summary.csv"):  # results.parquet: published by its table
             folder.upload(rel)
     _print_summary(summary)
     print(f"[final] rows in {folder.child('results.parquet')} (status final); summary in "
@@ -228,14 +228,16 @@ def _run_grid(space: SearchSpace, spec: Any, items: list[dict[str, Any]], folder
             ray.shutdown()
 
 
-def _record_results(grid: Any, space: SearchSpace, store: Any, study_dir: Path) -> list[dict[str, Any]]:
+def _record_results(grid: Any, space: SearchSpace, store: Any, study_dir: Path,
+                    on_write: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Append one ``results.parquet`` row (status ``final``, or ``error``) per final run and return them
-    as the per-seed rows of ``final.parquet``; a failed run is said on stderr."""
+    as the per-seed rows of ``final.parquet``; a failed run is said on stderr. ``on_write``: the table's
+    publisher (``StudyFolder.upload``: the table and its journal reach an object store as they are written)."""
     from study.results import ResultsTable, git_commit, package_versions
 
     table = ResultsTable(study_dir / "results.parquet", param_keys=space.keys, resume=True,
                          static={"store_fingerprint": store.fingerprint, "git_commit": git_commit(),
-                                 "versions": package_versions()})
+                                 "versions": package_versions()}, on_write=on_write)
     per_seed = []
     for result in grid:
         final = result.config["final"]["_final"]

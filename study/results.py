@@ -46,6 +46,14 @@ from brainage_core.errors import DataError
 __all__ = ["ResultsTable", "STATUSES", "git_commit", "package_versions", "FIXED_COLUMNS", "pareto_front",
            "write_pareto", "read_results", "journal_path", "COMPACT_EVERY_S"]
 
+STATUSES = ("running", "completed", "pruned", "error")
+FIXED_COLUMNS = ("trial_id", "epoch", "leaked", "status", "checkpoint_path", "wall_s", "compute_s", "seed",
+                 "store_fingerprint", "git_commit", "versions")
+#: at most this many seconds between two rewrites of ``results.parquet`` while a study runs
+COMPACT_EVERY_S = 10.0
+JOURNAL_SUFFIX = ".journal.jsonl"
+
+
 def git_commit(repo: str | Path | None = None) -> str:
     """The HEAD commit of the repository holding this code (``-dirty`` when tracked files changed), or
     ``unknown`` outside a git checkout."""
@@ -75,14 +83,6 @@ def package_versions() -> str:
 
     return json.dumps({"python": platform.python_version(), "torch": installed("torch"), "ray": installed("ray"),
                        "optuna": installed("optuna"), "brainage_core": brainage_core.__version__}, sort_keys=True)
-
-
-STATUSES = ("running", "completed", "pruned", "error")
-FIXED_COLUMNS = ("trial_id", "epoch", "leaked", "status", "checkpoint_path", "wall_s", "compute_s", "seed",
-                 "store_fingerprint", "git_commit", "versions")
-#: at most this many seconds between two rewrites of ``results.parquet`` while a study runs
-COMPACT_EVERY_S = 10.0
-JOURNAL_SUFFIX = ".journal.jsonl"
 
 
 def journal_path(path: str | Path) -> Path:
