@@ -72,8 +72,16 @@ def optuna_trials(study_dir: Path, name: str):
 
 
 def test_smoke_study_with_ddp_trials(ray_address, cache, tmp_path):
-    proc = run_study(ray_address, cache, tmp_path, "--name", "smoke")
+    """The smoke study (2 DDP trials of 2 epochs), and a killed worker: rank 1 of the first trial kills itself
+    at the start of epoch 2 (test hook, once); Train restarts the worker group from the epoch-1 checkpoint."""
+    once = tmp_path / "fault-fired"
+    proc = run_study(ray_address, cache, tmp_path, "--name", "smoke",
+                     env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_RANK": "1",
+                          "BRAINAGE_FAULT_ONCE_FILE": str(once)})
     assert proc.returncode == 0, show(proc)
+    assert once.exists()  # the worker of rank 1 did kill itself at the start of epoch 2
+    # Each epoch was reported once per trial: the restarted worker group resumed at epoch 2 from its checkpoint.
+    assert proc.stdout.count("epoch 1/2") == 2 and proc.stdout.count("epoch 2/2") == 2, show(proc)
     study_dir = tmp_path / "smoke"
     for name in ("space.yaml", "config.yaml", "optuna.db", "results.parquet", "tune"):
         assert (study_dir / name).exists(), name
@@ -131,20 +139,6 @@ def test_killed_driver_resumes_without_rerunning_or_losing_rows(ray_address, cac
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
 
 
-def test_killed_worker_restarts_from_its_checkpoint(ray_address, cache, tmp_path):
-    once = tmp_path / "fault-fired"
-    proc = run_study(ray_address, cache, tmp_path, "--name", "worker", "study.num_samples=1", "training.epochs=3", FAST,
-                     env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_RANK": "1",
-                          "BRAINAGE_FAULT_ONCE_FILE": str(once)})
-    assert proc.returncode == 0, show(proc)
-    assert once.exists()  # the worker of rank 1 did kill itself at the start of epoch 2
-    df = pd.read_parquet(tmp_path / "worker" / "results.parquet")
-    assert df["epoch"].tolist() == [1, 2, 3] and (df["status"] == "completed").all()
-    # Epoch 1 was reported once: the restarted worker group resumed at epoch 2 from its checkpoint.
-    assert proc.stdout.count("epoch 1/3") == 1, show(proc)
-    assert proc.stdout.count("epoch 2/3") == 1, show(proc)
-
-
 def test_in_trial_training_and_asha_pruning_reach_optuna(ray_address, cache, tmp_path):
     proc = run_study(ray_address, cache, tmp_path, "--name", "asha", "study.resources.num_workers=1",
                      "study.num_samples=3", "training.epochs=2",
@@ -177,8 +171,9 @@ def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, 
     """DDP trials run one after another in one reused trial process (study.train_run); a trial that ASHA
     stops has its Train run aborted (it trains no further), and the next trial still starts cleanly."""
     epochs = 4  # ASHA rungs at epochs 1 and 2 (grace 1, factor 2): the stops happen there
+    trials = 3  # one trial process, reused twice; the seeded study's third trial is stopped at a rung
     # Epochs of >= 1 s (test hook): a stopped run that went on would reach the last epoch.
-    proc = run_study(ray_address, cache, tmp_path, "--name", "reuse", "study.num_samples=4",
+    proc = run_study(ray_address, cache, tmp_path, "--name", "reuse", f"study.num_samples={trials}",
                      f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}", FAST,
                      env={"BRAINAGE_FAULT_SLOW_EPOCH_S": "1.0"})
     assert proc.returncode == 0, show(proc)
@@ -186,10 +181,10 @@ def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, 
     study_dir = tmp_path / "reuse"
     df = pd.read_parquet(study_dir / "results.parquet")
     status = df.groupby("trial_id")["status"].last()
-    assert len(status) == 4 and set(status) <= {"completed", "pruned"}, status.to_dict()
+    assert len(status) == trials and set(status) <= {"completed", "pruned"}, status.to_dict()
     assert (status == "pruned").any(), "expected ASHA to stop a trial of this seeded study"
     pids = _trial_pids(study_dir)
-    assert len(pids) == 4 and len(set(pids.values())) == 1, pids  # one trial process for all four
+    assert len(pids) == trials and len(set(pids.values())) == 1, pids  # one trial process for all of them
     for trial_id in status[status == "pruned"].index:
         log_file = study_dir / "trials" / trial_id / "train_log.jsonl"
         log = [json.loads(line) for line in log_file.read_text().splitlines()]
@@ -217,11 +212,10 @@ def _descendants(pid: int) -> set[int]:
 
 
 def test_doomed_study_fails_fast_on_a_loopback_ray(ray_address, cache, tmp_path):
-    """Issue 12, cases 6, 10 and 11 with one study: optimizer.lr=1e6 makes every DDP trial diverge. It used to
-    be retried 12 times (Tune x Train), print `done: .../results.parquet` (never written) and exit 0."""
-
-
-    proc = run_study(ray_address, cache, tmp_path, "--name", "doomed", "optimizer.lr=1e6")
+    """Issue 12, cases 6, 10 and 11 with one study: optimizer.lr=1e6 makes the DDP trial diverge. It used to
+    be retried 12 times (Tune x Train), print `done: .../results.parquet` (never written) and exit 0. One
+    trial: the stopper's rule for several (the same error twice) is tests/test_study_failures.py's."""
+    proc = run_study(ray_address, cache, tmp_path, "--name", "doomed", "optimizer.lr=1e6", "study.num_samples=1")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, show(proc)
     assert lines[-1].startswith("error: study doomed: no trial produced a result"), show(proc)
