@@ -1,4 +1,4 @@
-"""Running a study on an existing Ray cluster: address, shared storage checks, code shipping, Ray Jobs,
+"""Running a study on an existing Ray cluster: address, shared storage checks, code shipping
 and the dashboard exposure rules. See ``docs/cluster.md`` for the user-facing guide.
 
 Contracts:
@@ -19,9 +19,7 @@ Contracts:
 - :func:`local_optuna_db` / :func:`copy_sqlite`: sqlite must not live on network storage, so a cluster
   study keeps ``optuna.db`` on the driver's local disk and copies a consistent snapshot (sqlite backup
   API) into the study folder after each result.
-- :func:`submit_study` submits ``python -m study.run ...`` as a Ray Job (``JobSubmissionClient`` with the
-  ``Authorization: Bearer`` token header), prints its logs as they come and its status, and returns the
-  process exit code (0 only when the job SUCCEEDED).
+- submitting a study as a Ray Job (``--submit``) is :mod:`study.jobs`.
 """
 
 from __future__ import annotations
@@ -31,18 +29,22 @@ import ipaddress
 import json
 import math
 import os
-import shlex
 import sqlite3
-import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from brainage_core.errors import ConfigError
-from study.storage import URI_SCHEMES, is_uri, join_location
+from study.storage import (
+    URI_SCHEMES,
+    delete_location,
+    filesystem,
+    is_uri,
+    join_location,
+    read_location_text,
+    write_location_text,
+)
 
 __all__ = [
     "AUTH_MODE_ENV",
@@ -61,7 +63,6 @@ __all__ = [
     "is_uri",
     "local_optuna_db",
     "read_auth_token",
-    "submit_study",
 ]
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -73,7 +74,6 @@ EXPOSURE_WARNING = (
     "authentication on, firewall the port, or use an SSH tunnel (ssh -L 8265:127.0.0.1:8265 HEAD)."
 )
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-_JOB_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,51 +147,12 @@ def dashboard_url(address: str | None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fs(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path)
-
-
-def _join(folder: str, name: str) -> str:
-    return join_location(folder, name)
-
-
-def _read_text(path: str) -> str:
-    if is_uri(path):
-        fs, p = _fs(path)
-        with fs.open_input_stream(p) as f:
-            return f.read().decode()
-    return Path(path).read_text()
-
-
-def _write_text(path: str, text: str) -> None:
-    if is_uri(path):
-        fs, p = _fs(path)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-
-
-def _delete(path: str) -> None:
-    try:
-        if is_uri(path):
-            fs, p = _fs(path)
-            fs.delete_file(p)
-        else:
-            Path(path).unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def _probe(path: str, expected: str, json_key: str | None) -> tuple[bool, str, str]:
     """Runs on one node: (ok, detail, hostname). ``json_key``: compare that key of a JSON file."""
     import socket
 
     try:
-        text = _read_text(path)
+        text = read_location_text(path)
     except (OSError, ValueError) as exc:
         return False, f"cannot read {path} ({type(exc).__name__}: {exc})", socket.gethostname()
     found = text.strip()
@@ -246,9 +207,9 @@ def check_visible_on_every_node(folder: str | os.PathLike[str], *, what: str = "
     Returns the node ids checked; ConfigError naming the nodes that do not see it."""
     folder = str(folder)
     token = uuid.uuid4().hex
-    marker = _join(folder, f".node-probe-{token[:12]}")
+    marker = join_location(folder, f".node-probe-{token[:12]}")
     try:
-        _write_text(marker, token)
+        write_location_text(marker, token)
     except OSError as exc:
         raise ConfigError(f"{what} {folder}: cannot write a marker file ({exc}): expected a writable folder") from None
     try:
@@ -257,13 +218,14 @@ def check_visible_on_every_node(folder: str | os.PathLike[str], *, what: str = "
             hint="expected a folder on storage every node sees (a shared file system mounted at the same path "
                  "on every node, or s3:// / gs://); see docs/cluster.md")
     finally:
-        _delete(marker)
+        delete_location(marker)
 
 
 def check_store_on_every_node(store_path: str | os.PathLike[str], fingerprint: str) -> list[str]:
     """Check every alive node reads the prepared store's ``manifest.json`` with the driver's fingerprint."""
     return _probe_every_node(
-        _join(str(store_path), "manifest.json"), fingerprint, "fingerprint", what=f"prepared store {store_path}",
+        join_location(str(store_path), "manifest.json"), fingerprint, "fingerprint",
+        what=f"prepared store {store_path}",
         hint="expected data.store (or $BRAINAGE_CACHE, where the driver prepares it) on storage every node sees")
 
 
@@ -308,105 +270,13 @@ def copy_sqlite(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
         source.close()
         target.close()
         if is_uri(dst):
-            fs, p = _fs(str(dst))
+            fs, p = filesystem(str(dst))
             with fs.open_output_stream(p) as f:
                 f.write(snapshot.read_bytes())
             return
         tmp_dst = Path(dst).with_name(f".{Path(dst).name}.tmp-{os.getpid()}")
         tmp_dst.write_bytes(snapshot.read_bytes())
         os.replace(tmp_dst, dst)
-
-
-# --------------------------------------------------------------------------------------------------
-# Ray Jobs
-# --------------------------------------------------------------------------------------------------
-
-
-#: how long a submission retries while the dashboard has no job agent yet (a cluster that has just started)
-AGENT_WAIT_S = 60.0
-
-NO_AGENT = "No available agent to submit job"
-
-
-def _submit_when_an_agent_is_up(submit: Callable[[], str], wait_s: float = AGENT_WAIT_S, url: str = "") -> str:
-    """``submit()``, retried every 2 s for up to ``wait_s`` while Ray answers "No available agent to submit
-    job, please try again later" (its job agents register some seconds after the head node starts).
-
-    Raises ConfigError when the head node's agent is still missing after ``wait_s``: Ray's jobs API only uses
-    the head node's dashboard agent, and an agent whose HTTP port was taken stays up without registering."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return submit()
-        except RuntimeError as exc:
-            if NO_AGENT not in str(exc):
-                raise
-            if time.monotonic() > deadline:
-                raise ConfigError(
-                    f"--submit: the Ray jobs API at {url or 'the dashboard'} still had no job agent after "
-                    f"{wait_s:g} s ({NO_AGENT}): expected the head node's dashboard agent to serve HTTP. Its port "
-                    f"(`ray start --head --dashboard-agent-listen-port`, 52365 by default) is probably held by "
-                    f"another Ray on the head node; its logs/dashboard_agent.log says 'Failed to start HTTP "
-                    f"server'. Restart the head node with a free --dashboard-agent-listen-port") from None
-            time.sleep(2.0)
-
-
-def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str, run_args: Sequence[str], code: str,
-                 env: dict[str, str], python: str = "python", poll_s: float = 2.0,
-                 submission_id: str | None = None, out: Any = None) -> int:
-    """Submit the study as a Ray Job and follow it; returns 0 when it SUCCEEDED, 1 otherwise.
-
-    The space YAML is copied to ``stage_dir`` (a folder on the shared storage, e.g. ``<storage>/.jobs``, or
-    a URI for a study on an object store: ``study.run`` downloads a URI space)
-    and the job runs ``python -m study.run <that copy> <run_args>``; ``run_args`` are the ``study.run``
-    arguments after the space (overrides, ``--name``, an absolute ``--storage``...). ``env`` goes to every
-    process of the job (``env_vars``). No ``working_dir`` is used: Ray removed the unpacked working
-    directory under a running study's driver (its cwd) in Ray 2.60, which broke Tune at the end."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    out = out or sys.stdout
-    url = dashboard_url(address)
-    headers = auth_headers()
-    try:
-        client = JobSubmissionClient(url, headers=headers)
-    except Exception as exc:  # noqa: BLE001 - the SDK raises plain exceptions for unreachable/unauthorised
-        raise ConfigError(f"--submit: cannot reach the Ray jobs API at {url} ({str(exc).splitlines()[0]}): expected "
-                          f"the head node's dashboard address (--address http://HEAD:8265 or RAY_ADDRESS) and, with "
-                          f"token auth, ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
-    staged_name = f"{Path(space_path).stem}-{uuid.uuid4().hex[:8]}.yaml"
-    if is_uri(stage_dir):  # a study on an object store: the job's driver downloads the YAML from there
-        staged = _join(str(stage_dir), staged_name)
-        _write_text(staged, Path(space_path).read_text())
-    else:
-        stage_dir = Path(stage_dir).resolve()
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        staged = str(stage_dir / staged_name)
-        Path(staged).write_text(Path(space_path).read_text())
-    runtime_env: dict[str, Any] = dict(code_runtime_env(code))
-    if env:
-        runtime_env["env_vars"] = dict(env)
-    entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "study.run", str(staged), *run_args])
-    job_id = _submit_when_an_agent_is_up(
-        lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                  metadata={"brainage_study": Path(space_path).name}), url=url)
-    print(f"[submit] job {job_id} submitted to {url}: {entrypoint}", file=out, flush=True)
-    print(f"[submit] dashboard Jobs view: {url}/#/jobs/{job_id}", file=out, flush=True)
-    shown = 0
-    status = None
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        if len(logs) > shown:
-            out.write(logs[shown:])
-            out.flush()
-            shown = len(logs)
-        if str(status) in _JOB_TERMINAL or status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(poll_s)
-    info = client.get_job_info(job_id)
-    name = getattr(status, "value", str(status))
-    print(f"[submit] job {job_id} {name}" + (f": {info.message}" if info.message else ""), file=out, flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def ddp_trials_that_fit(num_workers: int, use_gpu: bool, cpus_per_worker: float,

@@ -355,7 +355,8 @@ def _submit(args: argparse.Namespace) -> int:
     """``--submit``: validate here, then run the same study as a Ray Job on the cluster."""
     from urllib.parse import urlparse
 
-    from study.cluster import check_dashboard_exposure, dashboard_url, submit_study
+    from study.cluster import check_dashboard_exposure, dashboard_url
+    from study.jobs import submit_study
 
     url = dashboard_url(args.address or os.environ.get("RAY_ADDRESS"))
     for warning in check_dashboard_exposure(urlparse(url).hostname or "", allow_no_auth=args.i_understand_no_auth):

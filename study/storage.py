@@ -68,6 +68,43 @@ def _filesystem(location: str) -> tuple[Any, str]:
                           f"gs://bucket/prefix") from None
 
 
+def filesystem(location: str) -> tuple[Any, str]:
+    """``(pyarrow FileSystem, path)`` of an object-store URI; ConfigError for a URI pyarrow cannot open."""
+    return _filesystem(location)
+
+
+def read_location_text(location: str) -> str:
+    """The text of a file at a local path or URI."""
+    if is_uri(location):
+        fs, p = _filesystem(location)
+        with fs.open_input_stream(p) as f:
+            return f.read().decode()
+    return Path(location).read_text()
+
+
+def write_location_text(location: str, text: str) -> None:
+    """Write ``text`` to a file at a local path (its folder created) or URI."""
+    if is_uri(location):
+        fs, p = _filesystem(location)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+        return
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    Path(location).write_text(text)
+
+
+def delete_location(location: str) -> None:
+    """Delete the file at a local path or URI; a missing file or a store error is ignored (best effort)."""
+    try:
+        if is_uri(location):
+            fs, p = _filesystem(location)
+            fs.delete_file(p)
+        else:
+            Path(location).unlink(missing_ok=True)
+    except (OSError, ConfigError):
+        pass
+
+
 def location_exists(location: str | os.PathLike[str]) -> bool:
     """Whether a file or folder exists at a local path or URI (False when the store cannot be read)."""
     import pyarrow.fs

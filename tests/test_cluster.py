@@ -228,9 +228,9 @@ def test_submit_runs_the_study_as_a_ray_job(two_nodes, tmp_path, store_cache):
 
 
 def test_submission_waits_for_the_job_agent(monkeypatch):
-    from study import cluster
+    from study import jobs
 
-    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
     no_agent = "Request failed with status code 500: No available agent to submit job, please try again later.."
 
     def answers(*replies):
@@ -243,13 +243,13 @@ def test_submission_waits_for_the_job_agent(monkeypatch):
             return reply
         return submit
 
-    assert cluster._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), RuntimeError(no_agent), "job-1")) \
+    assert jobs._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), RuntimeError(no_agent), "job-1")) \
         == "job-1"
     with pytest.raises(RuntimeError, match="status code 400"):  # any other error at once
-        cluster._submit_when_an_agent_is_up(answers(RuntimeError("status code 400"), "job-1"))
+        jobs._submit_when_an_agent_is_up(answers(RuntimeError("status code 400"), "job-1"))
     with pytest.raises(ConfigError, match="dashboard-agent-listen-port") as info:  # once the wait is over
-        cluster._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), "job-1"), wait_s=-1,
-                                            url="http://head:8265")
+        jobs._submit_when_an_agent_is_up(answers(RuntimeError(no_agent), "job-1"), wait_s=-1,
+                                         url="http://head:8265")
     assert "http://head:8265" in str(info.value) and "No available agent" in str(info.value)
 
 

@@ -139,26 +139,6 @@ def test_killed_driver_resumes_without_rerunning_or_losing_rows(ray_address, cac
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
 
 
-def test_in_trial_training_and_asha_pruning_reach_optuna(ray_address, cache, tmp_path):
-    proc = run_study(ray_address, cache, tmp_path, "--name", "asha", "study.resources.num_workers=1",
-                     "study.num_samples=3", "training.epochs=2",
-                     "study.asha={grace_period: 1, reduction_factor: 2}", "study.searcher=tpe", FAST)
-    assert proc.returncode == 0, show(proc)
-    study_dir = tmp_path / "asha"
-    df = pd.read_parquet(study_dir / "results.parquet")
-    assert df["compute_s"].tolist() == pytest.approx(df["wall_s"].tolist())  # one worker
-    status = df.groupby("trial_id")["status"].first()
-    epochs = df.groupby("trial_id")["epoch"].max()
-    assert set(status) <= {"completed", "pruned"}
-    assert ((status == "pruned") == (epochs < 2)).all()
-    by_state = {t.number: t for t in optuna_trials(study_dir, "asha")}
-    assert len(by_state) == 3
-    pruned = [t for t in by_state.values() if t.state == optuna.trial.TrialState.PRUNED]
-    complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(pruned) == (status == "pruned").sum() and len(complete) == (status == "completed").sum()
-    assert all(t.intermediate_values for t in pruned)
-
-
 def _trial_pids(study_dir: Path) -> dict[str, int]:
     pids = {}
     for result_file in (study_dir / "tune").glob("*/result.json"):
@@ -169,7 +149,8 @@ def _trial_pids(study_dir: Path) -> dict[str, int]:
 
 def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, cache, tmp_path):
     """DDP trials run one after another in one reused trial process (study.train_run); a trial that ASHA
-    stops has its Train run aborted (it trains no further), and the next trial still starts cleanly."""
+    stops has its Train run aborted (it trains no further), and the next trial still starts cleanly. What
+    ASHA stopped reaches Optuna as PRUNED, with its intermediate values, the others as COMPLETE."""
     epochs = 4  # ASHA rungs at epochs 1 and 2 (grace 1, factor 2): the stops happen there
     trials = 3  # one trial process, reused twice; the seeded study's third trial is stopped at a rung
     # Epochs of >= 1 s (test hook): a stopped run that went on would reach the last epoch.
@@ -183,6 +164,13 @@ def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, 
     status = df.groupby("trial_id")["status"].last()
     assert len(status) == trials and set(status) <= {"completed", "pruned"}, status.to_dict()
     assert (status == "pruned").any(), "expected ASHA to stop a trial of this seeded study"
+    assert ((status == "pruned") == (df.groupby("trial_id")["epoch"].max() < epochs)).all()
+    by_state = {t.number: t for t in optuna_trials(study_dir, "reuse")}
+    assert len(by_state) == trials
+    pruned = [t for t in by_state.values() if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) == (status == "pruned").sum() and len(complete) == (status == "completed").sum()
+    assert all(t.intermediate_values for t in pruned)
     pids = _trial_pids(study_dir)
     assert len(pids) == trials and len(set(pids.values())) == 1, pids  # one trial process for all of them
     for trial_id in status[status == "pruned"].index:

@@ -5,9 +5,9 @@ the whole module; ``AWS_ENDPOINT_URL`` and test credentials are set in this proc
 module (as in test_study.py), started WITHOUT those variables, so trials and workers reach the bucket
 only through the study's forwarding of AWS_* (as on a real cluster); each study is a real
 ``python -m study.run`` process joining it through RAY_ADDRESS. The smoke study runs in-trial
-(num_workers 1, 2 trials of 2 epochs) and is then resumed, read by the loader, the report, the export
-and final.py; a killed trial restarts from its checkpoint in the bucket; one DDP trial (2 workers)
-checks Train's storage on S3. About 2 minutes on a loaded 2-core machine.
+(num_workers 1, 2 trials of 2 epochs; the first trial's process kills itself at epoch 2 and restarts from
+its checkpoint in the bucket) and is then resumed, read by the loader, the report, the export and
+final.py; one DDP trial (2 workers) checks Train's storage on S3. About 2 minutes on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -183,10 +183,10 @@ def test_bad_storage_is_one_config_error_and_writes_nothing(s3, tmp_path, monkey
 
 
 def test_submit_passes_the_uri_through(s3, tmp_path, monkeypatch):
-    from study import cluster, opening, run
+    from study import jobs, opening, run
 
     seen = {}
-    monkeypatch.setattr(cluster, "submit_study", lambda **kw: seen.update(kw) or 0)
+    monkeypatch.setattr(jobs, "submit_study", lambda **kw: seen.update(kw) or 0)
     assert run.main([str(SMOKE), "--submit", "--address", "http://127.0.0.1:8265", "--storage", STORAGE]) == 0
     args = seen["run_args"]
     assert args[args.index("--storage") + 1] == STORAGE and seen["stage_dir"] == f"{STORAGE}/.jobs"
@@ -209,11 +209,17 @@ def test_submit_passes_the_uri_through(s3, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def s3_study(ray_address, cache, tmp_path_factory):
-    """The in-trial smoke study written to s3://bucket/studies/s3smoke (cwd: an empty folder)."""
+    """The in-trial smoke study written to s3://bucket/studies/s3smoke (cwd: an empty folder). The first
+    trial's process kills itself at the start of epoch 2 (test hook, once): Tune restarts it from its
+    epoch-1 checkpoint, which lives in the bucket (downloaded with Checkpoint.to_directory), and its logs
+    continue on the bucket."""
     cwd = tmp_path_factory.mktemp("cwd")
-    proc = run_study(ray_address, cache, cwd, *IN_TRIAL, "--storage", STORAGE, "--name", "s3smoke")
+    once = tmp_path_factory.mktemp("fault") / "fault-fired"
+    proc = run_study(ray_address, cache, cwd, *IN_TRIAL, "--storage", STORAGE, "--name", "s3smoke",
+                     env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_ONCE_FILE": str(once)})
     assert proc.returncode == 0, show(proc)
-    return {"proc": proc, "cwd": cwd, "uri": f"{STORAGE}/s3smoke", "prefix": f"{BUCKET}/studies/s3smoke"}
+    return {"proc": proc, "cwd": cwd, "uri": f"{STORAGE}/s3smoke", "prefix": f"{BUCKET}/studies/s3smoke",
+            "fault_fired": once.exists()}
 
 
 def test_study_writes_its_folder_to_the_bucket(s3_study, cache):
@@ -222,11 +228,15 @@ def test_study_writes_its_folder_to_the_bucket(s3_study, cache):
         assert f"{prefix}/{name}" in keys, name
     assert any(k.startswith(f"{prefix}/tune/experiment_state") for k in keys)
     assert not (ROOT / "studies" / "s3smoke").exists() and list(s3_study["cwd"].iterdir()) == []
+    assert s3_study["fault_fired"]  # a trial process did kill itself once, at the start of epoch 2
+    out = s3_study["proc"].stdout  # and was resumed at epoch 2 from the bucket, not re-trained
+    assert out.count("epoch 1/2") == 2 and out.count("epoch 2/2") == 2, show(s3_study["proc"])
 
     df = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
     assert df["trial_id"].nunique() == 2
     assert sorted(df.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2], [1, 2]]
     assert (df["status"] == "completed").all()
+    assert df["compute_s"].tolist() == pytest.approx(df["wall_s"].tolist())  # one worker per trial
     # checkpoints: URIs under Tune's experiment; the one kept per trial (checkpoints_to_keep 1) is in the bucket
     assert df["checkpoint_path"].notna().all()
     assert df["checkpoint_path"].str.startswith(f"{s3_study['uri']}/tune/").all()
@@ -259,26 +269,6 @@ def test_resume_keeps_rows_and_reruns_nothing(s3_study, ray_address, cache):
     pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
     again = run_study(ray_address, cache, s3_study["cwd"], *IN_TRIAL, "--storage", STORAGE, "--name", "s3smoke")
     assert again.returncode == 2 and "add --resume" in again.stderr
-
-
-def test_killed_trial_restarts_from_its_checkpoint_on_s3(ray_address, cache, tmp_path):
-    """The trial process dies at the start of epoch 2; Tune restarts it from its epoch-1 checkpoint, which
-    lives in the bucket (downloaded with Checkpoint.to_directory), and its logs continue on the bucket."""
-    once = tmp_path / "fault-fired"
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    proc = run_study(ray_address, cache, cwd, *IN_TRIAL, "study.num_samples=1", "--storage", STORAGE,
-                     "--name", "s3fault", env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2",
-                                               "BRAINAGE_FAULT_ONCE_FILE": str(once)})
-    assert proc.returncode == 0, show(proc)
-    assert once.exists()  # the trial did kill itself once
-    prefix = f"{BUCKET}/studies/s3fault"
-    df = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
-    assert df["epoch"].tolist() == [1, 2] and (df["status"] == "completed").all()
-    assert proc.stdout.count("epoch 1/2") == 1, show(proc)  # resumed at epoch 2, not re-trained
-    log = read_object(f"{prefix}/trials/{df['trial_id'].iloc[0]}/train_log.jsonl").decode().splitlines()
-    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
-    assert list(cwd.iterdir()) == []
 
 
 def test_loader_and_export_read_the_bucket(s3_study, cache, tmp_path):
