@@ -39,10 +39,10 @@ from brainage_core.errors import ConfigError
 from study.storage import (
     URI_SCHEMES,
     delete_location,
-    filesystem,
     is_uri,
     join_location,
     read_location_text,
+    write_location_bytes,
     write_location_text,
 )
 
@@ -270,9 +270,7 @@ def copy_sqlite(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
         source.close()
         target.close()
         if is_uri(dst):
-            fs, p = filesystem(str(dst))
-            with fs.open_output_stream(p) as f:
-                f.write(snapshot.read_bytes())
+            write_location_bytes(str(dst), snapshot.read_bytes())
             return
         tmp_dst = Path(dst).with_name(f".{Path(dst).name}.tmp-{os.getpid()}")
         tmp_dst.write_bytes(snapshot.read_bytes())

@@ -74,15 +74,10 @@ def submit_study(*, address: str | None, space_path: Path, stage_dir: Path | str
         raise ConfigError(f"--submit: cannot reach the Ray jobs API at {url} ({str(exc).splitlines()[0]}): expected "
                           f"the head node's dashboard address (--address http://HEAD:8265 or RAY_ADDRESS) and, with "
                           f"token auth, ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
-    staged_name = f"{Path(space_path).stem}-{uuid.uuid4().hex[:8]}.yaml"
-    if is_uri(stage_dir):  # a study on an object store: the job's driver downloads the YAML from there
-        staged = join_location(str(stage_dir), staged_name)
-        write_location_text(staged, Path(space_path).read_text())
-    else:
-        stage_dir = Path(stage_dir).resolve()
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        staged = str(stage_dir / staged_name)
-        Path(staged).write_text(Path(space_path).read_text())
+    # on an object store, the job's driver downloads the staged YAML from there
+    folder = str(stage_dir) if is_uri(stage_dir) else str(Path(stage_dir).resolve())
+    staged = join_location(folder, f"{Path(space_path).stem}-{uuid.uuid4().hex[:8]}.yaml")
+    write_location_text(staged, Path(space_path).read_text())
     runtime_env: dict[str, Any] = dict(code_runtime_env(code))
     if env:
         runtime_env["env_vars"] = dict(env)

@@ -68,11 +68,6 @@ def _filesystem(location: str) -> tuple[Any, str]:
                           f"gs://bucket/prefix") from None
 
 
-def filesystem(location: str) -> tuple[Any, str]:
-    """``(pyarrow FileSystem, path)`` of an object-store URI; ConfigError for a URI pyarrow cannot open."""
-    return _filesystem(location)
-
-
 def read_location_text(location: str) -> str:
     """The text of a file at a local path or URI."""
     if is_uri(location):
@@ -82,15 +77,20 @@ def read_location_text(location: str) -> str:
     return Path(location).read_text()
 
 
-def write_location_text(location: str, text: str) -> None:
-    """Write ``text`` to a file at a local path (its folder created) or URI."""
+def write_location_bytes(location: str, data: bytes) -> None:
+    """Write ``data`` to a file at a local path (its folder created) or URI."""
     if is_uri(location):
         fs, p = _filesystem(location)
         with fs.open_output_stream(p) as f:
-            f.write(text.encode())
+            f.write(data)
         return
     Path(location).parent.mkdir(parents=True, exist_ok=True)
-    Path(location).write_text(text)
+    Path(location).write_bytes(data)
+
+
+def write_location_text(location: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to a file at a local path (its folder created) or URI."""
+    write_location_bytes(location, text.encode())
 
 
 def delete_location(location: str) -> None:
