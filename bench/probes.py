@@ -4,7 +4,8 @@ Synthetic features with age and site structure (:func:`make_features`): 64 sites
 held out as an external test part; ``n`` training subjects over the other 58 (at least 5 each, sizes
 log-normal), an internal test part of 362 subjects from the training sites and an external one of 395
 from the 6 held-out sites (the sizes of OpenBHB's public test splits). Each row: site centre + a
-non-linear function of age along a few directions + noise, L2-normalised (a contrastive projection).
+non-linear function of age along a few directions + noise, L2-normalised (a contrastive projection), then
+scaled to norm ``--scale`` (default 1).
 
 For each ``n`` x ``p`` asked for (``--sizes``), on the CPU (and on CUDA when available, fast only):
 
@@ -47,7 +48,7 @@ N_INTERNAL = 362
 N_EXTERNAL = 395
 
 
-def make_features(n: int, p: int, *, site_strength: float = 0.6, seed: int = 0) -> dict[str, Any]:
+def make_features(n: int, p: int, *, site_strength: float = 0.6, scale: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Features (float32) and labels of the train / internal / external parts (see the module docstring)."""
     rng = np.random.default_rng(seed)
     train_sites = N_SITES - N_EXTERNAL_SITES
@@ -66,7 +67,7 @@ def make_features(n: int, p: int, *, site_strength: float = 0.6, seed: int = 0) 
         + site_strength * centres[sites]
         + np.stack([np.tanh(z), z**2 / 4, np.sin(z)], axis=1) @ directions * 3.0
     )
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X *= scale / np.linalg.norm(X, axis=1, keepdims=True)
     X = X.astype(np.float32)
     # the internal test part: N_INTERNAL subjects of the training sites, each site keeping >= 5 in training
     order = rng.permutation(site.size)
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="1000x128", help="sizes with the converged lbfgs reference ('' none)")
     parser.add_argument("--site-strength", type=float, nargs="+", default=[0.6],
                         help="site-structure strengths of the feature sets (default 0.6)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="norm of every feature row (default 1, unit rows); large values (e.g. 50) with a "
+                             "strong site structure give the nearly separable, weakly regularised fits of an "
+                             "unnormalised encoder's features, the hard case of the logistic solver")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/probes.json"))
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -225,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     for strength in args.site_strength:
         for s in sizes:
             n, p = (int(v) for v in s.lower().split("x"))
-            data = make_features(n, p, site_strength=strength)
+            data = make_features(n, p, site_strength=strength, scale=args.scale)
             n_train_sites = int(np.unique(data["sites"][data["train"]]).size)
             entry: dict[str, Any] = {"n": int(data["train"].size), "p": p, "sites": n_train_sites,
-                                     "site_strength": strength}
+                                     "site_strength": strength, "scale": args.scale}
             results = {}
             for device in devices:
                 results[f"fast_{device}"] = run_protocol(data, "fast", device if device != "cpu" else None)

@@ -34,6 +34,11 @@ import torch
 LOGISTIC_GTOL = 1e-6
 LOGISTIC_MAX_ITER = 2000
 LBFGS_HISTORY = 10
+#: The float32 phase of a float64 fit stops at this gradient max-norm (float32 rounding often stops it
+#: between 1e-5 and 1e-6 anyway) or after this many iterations: on nearly separable sites with large
+#: features an unbounded float32 phase crept on for its whole ``max_iter`` (bench/probes.py --scale 50)
+FLOAT32_GTOL = 1e-5
+FLOAT32_MAX_ITER = 300
 
 
 # -- folds (scikit-learn's, reimplemented) ----------------------------------------------------------
@@ -384,7 +389,8 @@ def _solve(Xa: torch.Tensor, codes: np.ndarray, rows_list: list[np.ndarray], cs:
     theta = None if x0 is None else x0 * torch.as_tensor(free, device=dev).to(x0.dtype)[:, None, :]
     iters = np.zeros(B, dtype=np.int64)
     if dt == torch.float64:
-        theta, _, iters = _batched_lbfgs(batch(torch.float32), B, shape, gtol=gtol, max_iter=max_iter, x0=theta)
+        theta, _, iters = _batched_lbfgs(batch(torch.float32), B, shape, gtol=max(gtol, FLOAT32_GTOL),
+                                         max_iter=min(max_iter, FLOAT32_MAX_ITER), x0=theta)
     theta, gmax, polish = _batched_lbfgs(batch(dt), B, shape, gtol=gtol, max_iter=max_iter, x0=theta)
     return theta, gmax, iters + polish, present
 
