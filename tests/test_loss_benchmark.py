@@ -77,7 +77,7 @@ def test_tiny_benchmark_writes_the_json_and_the_table(tmp_path, store_cache):
     from study_fixtures import shared_store_cache
 
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench/loss_benchmark.py", "--losses", "l1,expw", "--trials", "2", "--seeds", "2",
+    cmd = [sys.executable, "bench/loss_benchmark.py", "--losses", "l1,expw", "--trials", "1", "--seeds", "2",
            "--epochs", "1", "--subjects", "60", "--sites", "6", "--concurrent", "1",
            "--set", "model.base_width=4", "--set", "training.batch_size=8",
            "--storage", str(tmp_path / "studies"), "--name", "tiny", "--out", str(out)]
@@ -88,10 +88,10 @@ def test_tiny_benchmark_writes_the_json_and_the_table(tmp_path, store_cache):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["losses"]) == {"l1", "expw"} and report["missing"] == []
-    assert report["budget"]["trials"] == 2 and report["budget"]["seeds"] == 2 and report["budget"]["epochs"] == 1
+    assert report["budget"]["trials"] == 1 and report["budget"]["seeds"] == 2 and report["budget"]["epochs"] == 1
     assert report["cohort"]["synthetic"]["subjects"] == 60 and report["cohort"]["grid"] == "6mm"
     for loss, d in report["losses"].items():
-        assert d["n_seeds"] == 2 and len(d["search_trials"]) == 2, loss
+        assert d["n_seeds"] == 2 and len(d["search_trials"]) == 1, loss
         for metric in ("test_mae_int", "test_mae_ext", "test_bacc", "test_lc"):
             s = d["metrics"][metric]
             assert s["n"] == 2 and s["ci95_low"] <= s["mean"] <= s["ci95_high"], (loss, metric)

@@ -10,8 +10,9 @@
   sees two classes, as scikit-learn does), the same folds, balanced accuracy to choose C. All fold × C
   fits are ONE batched problem solved by a batched L-BFGS (per-problem history, Armijo backtracking,
   convergence on the gradient's max-norm of the per-sample-mean objective, the quantity scikit-learn's
-  ``lbfgs`` tests against ``tol``), float32 first and polished in float64, then the chosen C is refit on
-  every row, starting from the mean of its fold solutions.
+  ``lbfgs`` tests against ``tol``; its initial inverse Hessian the inverse of the feature Gram matrix at
+  uniform class probabilities, on centred features), float32 first and polished in float64, then the
+  chosen C is refit on every row, starting from the mean of its fold solutions.
 
 The folds reproduce scikit-learn's ``KFold`` (unshuffled, or shuffled by ``numpy.random.RandomState``)
 and ``StratifiedKFold`` (unshuffled) exactly, without importing scikit-learn (tests check both).
@@ -223,6 +224,17 @@ class _LogisticBatch:
         self.penal = torch.ones(Xa.shape[1], 1, dtype=Xa.dtype, device=Xa.device)
         self.penal[-1] = 0.0
 
+    def inverse_curvature(self, n_classes: int) -> torch.Tensor:
+        """(B, p+1, p+1): the inverse of each problem's Hessian block at uniform class probabilities
+        (curvature ~1/K per row), ``(Xaᵀ diag(w) Xa / K + lam · diag(penalised))⁻¹``, the same for every
+        class. As L-BFGS's initial inverse Hessian it undoes the features' correlations and scales (an
+        encoder's features are often nearly collinear), which plain L-BFGS pays for in iterations."""
+        # in float64 whatever the phase: with nearly collinear features and a small lam, h is ill-conditioned
+        Xa, weight = self.Xa.double(), self.weight.double()
+        gram = torch.einsum("ib,ij,ik->bjk", weight, Xa, Xa) / n_classes
+        h = gram + torch.diag_embed(self.lam.double()[:, None] * self.penal.double()[:, 0][None])
+        return torch.linalg.inv(h).to(self.Xa.dtype)
+
     def logits(self, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(n, b, K) logits of the problems ``idx`` at ``theta`` (b, p+1, K)."""
         b, q, k = theta.shape
@@ -273,6 +285,11 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
     S = torch.zeros(history, B, D, dtype=dt, device=dev)
     Y = torch.zeros(history, B, D, dtype=dt, device=dev)
     rho = torch.zeros(history, B, dtype=dt, device=dev)  # 0: an empty or skipped pair (a no-op below)
+    h_inv = batch.inverse_curvature(shape[1])  # (B, p+1, p+1): the initial inverse Hessian, up to gamma
+
+    def precondition(v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        m = h_inv if rows is None else h_inv[rows]
+        return (m @ v.view(-1, *shape)).reshape(v.shape)
     gamma = torch.ones(B, dtype=dt, device=dev)
     iters = np.zeros(B, dtype=np.int64)
     gmax = g.abs().amax(dim=1)
@@ -289,7 +306,7 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
             a = rho[sl] * _dot(S[sl], q)
             q = torch.addcmul(q, Y[sl], a[:, None], value=-1.0)
             coeffs.append(a)
-        d = q * gamma[:, None]
+        d = precondition(q) * gamma[:, None]
         for sl, a in zip(reversed(slots), reversed(coeffs)):
             beta = rho[sl] * _dot(Y[sl], d)
             d = torch.addcmul(d, S[sl], (a - beta)[:, None])
@@ -297,10 +314,7 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
         bad = gd >= 0  # not a descent direction (rounding): steepest descent instead
         d = torch.where(bad[:, None], -g, d)
         gd = torch.where(bad, -_dot(g, g), gd)
-        if it == 0:
-            step = torch.clamp(1.0 / g.abs().sum(dim=1), max=1.0)[idx]
-        else:
-            step = torch.ones(idx.numel(), dtype=dt, device=dev)
+        step = torch.ones(idx.numel(), dtype=dt, device=dev)
         x0, f0, g0, d_a, gd_a = x[idx], f[idx], g[idx], d[idx], gd[idx]
         x_new, f_new, g_new = x0.clone(), f0.clone(), g0.clone()
         pending = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
@@ -326,7 +340,8 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
         S[slot, idx], Y[slot, idx] = s_vec, y_vec
         one = torch.ones_like(sy)
         rho[slot, idx] = torch.where(good, 1.0 / torch.where(good, sy, one), torch.zeros_like(sy))
-        gamma[idx] = torch.where(good, sy / torch.where(good, yy, one), gamma[idx])
+        ypy = _dot(precondition(y_vec, idx), y_vec)
+        gamma[idx] = torch.where(good, sy / torch.where(good, ypy, one), gamma[idx])
         x[idx], f[idx], g[idx] = x_new, f_new, g_new
         iters[idx.cpu().numpy()] += 1
         gmax[idx] = g_new.abs().amax(dim=1)
@@ -414,7 +429,11 @@ def fast_logistic_search(
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.reshape(-1)
     K = classes.size
-    Xa = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
+    # Centred features: an exact reparametrisation, as the intercept is unpenalised (logits X W + b equal
+    # (X - mean) W + b' with b' = b + mean W). A common offset of the features (an encoder's unnormalised
+    # outputs) otherwise makes the fits so ill-conditioned that L-BFGS needs thousands of iterations.
+    mean = X.mean(dim=0)
+    Xa = torch.cat([X - mean, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
     fold_train = [_complement(n, test) for test in folds]
     fittable = [np.unique(codes[tr]).size >= 2 for tr in fold_train]
     rows_list, c_list, where = [], [], []
@@ -446,7 +465,8 @@ def fast_logistic_search(
                                          max_iter=max_iter, x0=warm)
     gmax_all += gmax.tolist()
     iters_all += iters.tolist()
-    w = theta[0].cpu().numpy()  # (p+1, K)
+    w = theta[0].cpu().numpy()  # (p+1, K), for the centred features
+    w[p] -= mean.cpu().numpy() @ w[:p]  # b = b' - mean W
     if K == 2:
         coef, intercept = w[:p, 1:2].T, w[p, 1:2]
     else:
