@@ -33,7 +33,7 @@ EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss",
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 #: the fast probes at the last evaluation too, for the studies that do not check the exact protocol
-#: (test_smoke_study_with_ddp_trials does): the exact grid-searched probes cost seconds per trial
+#: (the smoke study does): the exact grid-searched probes cost seconds per trial
 FAST = "evaluation.final_protocol=fast"
 
 

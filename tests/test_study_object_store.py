@@ -36,7 +36,7 @@ SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 BUCKET = "bucket"
 STORAGE = f"s3://{BUCKET}/studies"
 #: in-trial training; the fast probes at the last evaluation too (no test here checks the exact protocol, which
-#: tests/test_study.py::test_smoke_study_with_ddp_trials does)
+#: tests/test_study.py::test_smoke_study_with_ddp_trials_a_killed_worker_and_a_killed_driver does)
 FAST = "evaluation.final_protocol=fast"
 IN_TRIAL = ("study.resources.num_workers=1", FAST)
 
