@@ -288,7 +288,7 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
     h_inv = batch.inverse_curvature(shape[1])  # (B, p+1, p+1): the initial inverse Hessian, up to gamma
 
     def precondition(v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        m = h_inv if rows is None else h_inv[rows]
+        m = h_inv if rows is None or rows.numel() == h_inv.shape[0] else h_inv[rows]  # no copy when all active
         return (m @ v.view(-1, *shape)).reshape(v.shape)
     gamma = torch.ones(B, dtype=dt, device=dev)
     iters = np.zeros(B, dtype=np.int64)
