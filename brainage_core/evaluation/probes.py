@@ -14,10 +14,10 @@ Two protocols (``protocol=``), see ``docs/probes.md``:
 
 - ``"exact"``: scikit-learn's ``GridSearchCV`` as the challenge kit runs it (saga's 150 iterations
   included), on the CPU. What the challenge server would score.
-- ``"fast"``: the same estimators, folds and selection rules in torch on ``device``
-  (:mod:`brainage_core.evaluation.fast_probes`): Ridge computed exactly (its predictions equal the exact
-  protocol's to rounding), the logistic fits batched and run to convergence (saga's 150 iterations
-  usually stop short of it, so site BAcc may differ slightly from the exact protocol's).
+- ``"fast"``: the same estimators, folds and selection rules in torch on ``device``: Ridge computed
+  exactly (:mod:`brainage_core.evaluation.fast_probes`; its predictions equal the exact protocol's to
+  rounding), the logistic fits batched and run to convergence (:mod:`brainage_core.evaluation.fast_logistic`;
+  saga's 150 iterations usually stop short of it, so site BAcc may differ slightly from the exact protocol's).
 """
 
 from __future__ import annotations
@@ -206,12 +206,8 @@ def fit_site_probe(
             f"shuffled {n_splits}-fold search instead of stratified"
         )
     if protocol == "fast":
-        from brainage_core.evaluation.fast_probes import (
-            LOGISTIC_GTOL,
-            fast_logistic_search,
-            kfold_indices,
-            stratified_kfold_indices,
-        )
+        from brainage_core.evaluation.fast_logistic import LOGISTIC_GTOL, fast_logistic_search
+        from brainage_core.evaluation.fast_probes import kfold_indices, stratified_kfold_indices
 
         folds = (
             stratified_kfold_indices(sites, N_FOLDS)
