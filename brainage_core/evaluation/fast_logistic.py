@@ -44,8 +44,6 @@ FLOAT32_GTOL = 1e-5
 FLOAT32_MAX_ITER = 300
 
 
-
-# -- multinomial logistic regression -----------------------------------------------------------------
 class _LogisticBatch:
     """B independent penalised multinomial problems sharing the rows ``Xa`` (n, p+1; last column ones).
 
