@@ -69,7 +69,7 @@ class _LogisticBatch:
         (curvature ~1/K per row), ``(Xaᵀ diag(w) Xa / K + lam · diag(penalised))⁻¹``, the same for every
         class. As L-BFGS's initial inverse Hessian it undoes the features' correlations and scales (an
         encoder's features are often nearly collinear), which plain L-BFGS pays for in iterations."""
-        # in float64 whatever the phase: with nearly collinear features and a small lam, h is ill-conditioned
+        # in float64: with nearly collinear features and a small lam, h is ill-conditioned
         Xa, weight = self.Xa.double(), self.weight.double()
         gram = torch.einsum("ib,ij,ik->bjk", weight, Xa, Xa) / n_classes
         h = gram + torch.diag_embed(self.lam.double()[:, None] * self.penal.double()[:, 0][None])
@@ -108,10 +108,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int], *, gtol: float,
-                   max_iter: int, history: int = LBFGS_HISTORY,
+                   max_iter: int, h_inv: torch.Tensor, history: int = LBFGS_HISTORY,
                    x0: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Minimise every problem of ``batch`` from ``x0`` (B, p+1, K) or zero, with
-    :meth:`_LogisticBatch.inverse_curvature` (scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0.
+    """Minimise every problem of ``batch`` from ``x0`` (B, p+1, K) or zero, with ``h_inv`` (B, p+1, p+1;
+    :meth:`_LogisticBatch.inverse_curvature`, scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0.
     Returns parameters (B, p+1, K), the final gradient
     max-norms (B,) and the iterations used (B,). A problem stops once its gradient max-norm is <= ``gtol``
     (or after ``max_iter`` iterations, or when its line search can no longer decrease the objective:
@@ -127,7 +127,6 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
     S = torch.zeros(history, B, D, dtype=dt, device=dev)
     Y = torch.zeros(history, B, D, dtype=dt, device=dev)
     rho = torch.zeros(history, B, dtype=dt, device=dev)  # 0: an empty or skipped pair (a no-op below)
-    h_inv = batch.inverse_curvature(shape[1])  # (B, p+1, p+1): the initial inverse Hessian, up to gamma
 
     def precondition(v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         m = h_inv if rows is None or rows.numel() == h_inv.shape[0] else h_inv[rows]  # no copy when all active
@@ -223,9 +222,10 @@ def _solve(Xa: torch.Tensor, codes: np.ndarray, rows_list: list[np.ndarray], cs:
            ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """Fit problem b on the rows ``rows_list[b]`` with ``cs[b]``, from ``x0`` (B, p+1, K) or zero.
 
-    A float64 ``Xa`` is solved in two phases: float32 until the gradient max-norm is <= ``gtol`` or float32
-    rounding stops the line search (half the cost per iteration, and most of the iterations), then float64
-    from there to ``gtol`` (a few dozen iterations). Returns the parameters, the final gradient max-norms,
+    A float64 ``Xa`` is solved in two phases: float32 until the gradient max-norm is <= max(``gtol``,
+    ``FLOAT32_GTOL``), float32 rounding stops the line search or ``FLOAT32_MAX_ITER`` iterations have run
+    (half the cost per iteration, and most of the iterations), then float64 from there to ``gtol``. Both
+    phases share one preconditioner. Returns the parameters, the final gradient max-norms,
     the iterations of both phases together (each phase at most ``max_iter``) and the present classes."""
     dev, dt = Xa.device, Xa.dtype
     n = Xa.shape[0]
@@ -245,10 +245,12 @@ def _solve(Xa: torch.Tensor, codes: np.ndarray, rows_list: list[np.ndarray], cs:
     shape = (Xa.shape[1], n_classes)
     theta = None if x0 is None else x0 * torch.as_tensor(free, device=dev).to(x0.dtype)[:, None, :]
     iters = np.zeros(B, dtype=np.int64)
+    final = batch(dt)
+    h_inv = final.inverse_curvature(n_classes)
     if dt == torch.float64:
         theta, _, iters = _batched_lbfgs(batch(torch.float32), B, shape, gtol=max(gtol, FLOAT32_GTOL),
-                                         max_iter=min(max_iter, FLOAT32_MAX_ITER), x0=theta)
-    theta, gmax, polish = _batched_lbfgs(batch(dt), B, shape, gtol=gtol, max_iter=max_iter, x0=theta)
+                                         max_iter=min(max_iter, FLOAT32_MAX_ITER), h_inv=h_inv.float(), x0=theta)
+    theta, gmax, polish = _batched_lbfgs(final, B, shape, gtol=gtol, max_iter=max_iter, h_inv=h_inv, x0=theta)
     return theta, gmax, iters + polish, present
 
 
