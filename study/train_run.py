@@ -40,6 +40,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ STOP_POLL_S = 0.1
 #: how long the trial's thread waits for an aborted run to end before returning anyway (seconds); the
 #: helper thread is a daemon and ends on its own once the controller has exited
 ABORT_WAIT_S = 1.5
+#: how long a trial whose run has ended waits for Tune to take the run's last report (seconds)
+HANDOVER_WAIT_S = 60.0
 
 
 def reuse_supported() -> bool:
@@ -233,9 +236,32 @@ def fit_until_stopped(trainer: Any, flag: Path) -> Any:
                 flag.touch()
                 runner.join(ABORT_WAIT_S)
                 return None
+        _wait_for_handover(trainer)
         if "error" in outcome:
             raise outcome["error"]
         return outcome.get("result")
     finally:
         if not runner.is_alive():
             flag.unlink(missing_ok=True)
+
+
+def _wait_for_handover(trainer: Any, timeout: float = HANDOVER_WAIT_S) -> None:
+    """Wait until Tune has taken the last report that the run's controller handed to this trial.
+
+    The controller puts each report into a queue of one (``TuneReportUntilStopped``) that the trial's Tune
+    session empties while the training function runs. A run whose last report was still in that queue when
+    ``fit()`` returned left it to the session's last fetch after the training function had ended, where the
+    trial hung in Ray 2.60 (seen once on a loaded 2-core machine: the epoch's row never reached the driver
+    and the trial never ended). Returning only once the queue is empty keeps that report on the normal path.
+    """
+    reporter = _make_reporter_class()
+    queues = [compat.report_queue(c) for c in (trainer.run_config.callbacks or []) if isinstance(c, reporter)]
+    deadline = time.monotonic() + timeout
+    for queue in queues:
+        while time.monotonic() < deadline:
+            try:
+                if queue.empty():
+                    break
+            except Exception:  # noqa: BLE001 - the queue's actor is gone: nothing left to hand over
+                break
+            time.sleep(STOP_POLL_S)
