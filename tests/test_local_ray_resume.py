@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from study_fixtures import shared_store_cache
 
 from study.failures import has_results
 from study.results import read_results
@@ -32,12 +33,14 @@ def _study(storage: Path, cache: Path, *args: str) -> list[str]:
             "study.num_samples=1", "training.epochs=2", "study.resources.num_workers=1"]
 
 
-def test_resume_at_once_after_a_killed_driver_with_its_own_ray(tmp_path):
+def test_resume_at_once_after_a_killed_driver_with_its_own_ray(tmp_path, store_cache):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(BRAINAGE_CACHE=str(tmp_path / "cache"), TUNE_GLOBAL_CHECKPOINT_S="0")
+    # the session's synthetic cohort and store (built once for the suite), the rest of the cache the test's own
+    cache = shared_store_cache(tmp_path / "cache", store_cache)
+    env.update(BRAINAGE_CACHE=str(cache), TUNE_GLOBAL_CHECKPOINT_S="0")
     results = tmp_path / "local" / "results.parquet"
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(_study(tmp_path, tmp_path / "cache"), cwd=ROOT, env=env, stdout=log,
+    first = subprocess.Popen(_study(tmp_path, cache), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
     while not has_results(results) and first.poll() is None and time.monotonic() < deadline:
@@ -50,7 +53,7 @@ def test_resume_at_once_after_a_killed_driver_with_its_own_ray(tmp_path):
     assert len(before) == 1 and before["epoch"].tolist() == [1]
 
     try:
-        resumed = subprocess.run(_study(tmp_path, tmp_path / "cache", "--resume"), cwd=ROOT, env=env,
+        resumed = subprocess.run(_study(tmp_path, cache, "--resume"), cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=600)
     finally:  # what is left of the killed driver's Ray (its process group; the resumed one shut its own down)
         try:
