@@ -40,6 +40,10 @@ What the JSON holds (``--out``, default ``bench/results/cluster_sim.json``):
 The machine's limits (``machine``): every Ray actor is a process (a trial, its Train controller, one per
 worker), ~150-300 MB each; their start-up (imports of Ray and torch) runs on this machine's cores, where a
 cluster spreads it over its nodes. The JSON's ``simulated`` block says what ran.
+
+Long (over 400 lines) for a reason: it is one experiment read with its document (docs/cluster-sim.md):
+the stand-in trainable (which Ray workers import from this module, through the runner's test hook), the
+event timelines and the figures computed from them belong together; none of it is used by the studies.
 """
 
 from __future__ import annotations

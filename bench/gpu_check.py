@@ -20,6 +20,9 @@ Sections (each one's figures are written as soon as it ends, so a timeout keeps 
 
 Output: JSON (``--out``, default ``$OUT/gpu_check.json`` or ``bench/results/gpu_check.json``) with the
 figures and the machine (platform, CPU count, torch/CUDA versions, GPU name).
+
+Long (over 400 lines) for a reason: it runs from this one file on a lent GPU machine that has no Ray,
+Optuna or install of the project, so its sections (each a short measurement) live side by side here.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ What is shared with the studies (``study/run.py``) and what is not:
 Writes ``docs/measurements/search_efficiency.json`` (summary per searcher, median and 25-75 % curves of
 the best ``val_lc`` against compute, machine, command) and ``docs/measurements/search_efficiency.png``
 (the curves), plus every replay's trials in ``bench/results/search_efficiency_replays.json``.
+
+Long (over 400 lines) for a reason: it is one experiment read with its document
+(docs/search-efficiency.md): the replay trainable, the searchers' settings, the ASHA replay and the
+summary statistics only make sense together, and none of it is used by the studies.
 """
 
 from __future__ import annotations
