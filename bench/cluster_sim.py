@@ -294,17 +294,18 @@ class Probe:
             return on_result(self_, **info)
 
         CallbackList.on_trial_result = delivered
-        for name in self.OPTUNA_WRITES:
-            original = getattr(optuna.storages.RDBStorage, name)
+        for storage_class in (optuna.storages.RDBStorage, optuna.storages.JournalStorage):
+            for name in self.OPTUNA_WRITES:
+                original = getattr(storage_class, name)
 
-            def timed(self_: Any, *a: Any, _original: Any = original, _name: str = name, **k: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return _original(self_, *a, **k)
-                finally:
-                    probe.optuna_writes.append((time.time(), _name, time.perf_counter() - t0))
+                def timed(self_: Any, *a: Any, _original: Any = original, _name: str = name, **k: Any) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return _original(self_, *a, **k)
+                    finally:
+                        probe.optuna_writes.append((time.time(), _name, time.perf_counter() - t0))
 
-            setattr(optuna.storages.RDBStorage, name, timed)
+                setattr(storage_class, name, timed)
 
     def _loop(self) -> None:
         import psutil
@@ -584,7 +585,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.time()
     study_dir = tmp / "studies" / "sim"
     try:
-        runner.run_study(space, name="sim", storage=tmp / "studies")
+        journal = f"journal:{tmp / 'optuna.journal'}" if args.optuna_storage == "journal" else None
+        runner.run_study(space, name="sim", storage=tmp / "studies", optuna_storage=journal)
     except Exception as exc:  # noqa: BLE001 - reported, then re-raised after the clean-up
         error = exc
     except KeyboardInterrupt:
@@ -643,6 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="study.results.COMPACT_EVERY_S for the study's driver: the longest time between two "
                         "whole rewrites of results.parquet (default: the project's, 10 s; 0: a rewrite at every "
                         "change, as before the journal)")
+    p.add_argument("--optuna-storage", choices=("sqlite", "journal"), default="sqlite",
+                   help="the study's Optuna storage: its sqlite optuna.db (default) or an Optuna journal file "
+                        "(study/run.py --optuna-storage journal:PATH)")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")
     p.add_argument("--cache", type=Path, help="BRAINAGE_CACHE (the tiny store; default: inside the workdir)")

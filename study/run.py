@@ -110,7 +110,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--code", choices=("ship", "installed"), default="ship",
                    help="how the project's code reaches cluster nodes: ship it with the job (runtime_env "
                         "py_modules, default) or rely on the package installed on every node")
-    p.add_argument("--optuna-storage", help="Optuna RDB URL shared by several drivers (e.g. postgresql://...); "
+    p.add_argument("--optuna-storage", help="Optuna RDB URL shared by several drivers (e.g. postgresql://...), or "
+                                            "journal:PATH, an Optuna journal file (faster for hundreds of trials); "
                                             "default: sqlite optuna.db in the study folder")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface of the dashboard of a Ray started here (default 127.0.0.1)")
@@ -138,6 +139,11 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
     for warning in check_dashboard_exposure(dashboard_host, allow_no_auth=allow_no_auth):
         print(warning, file=sys.stderr, flush=True)
+    if optuna_storage is not None:
+        from study.searcher import JOURNAL_PREFIX, journal_path
+
+        journal = journal_path(optuna_storage)  # checked before anything is written; absolute for the workers
+        optuna_storage = optuna_storage if journal is None else f"{JOURNAL_PREFIX}{journal}"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if inside_ray_job():
         # Tune's TensorBoard logger imports torch late; in a job's driver, loading libtorch_cpu after Ray's
@@ -149,10 +155,10 @@ def run_study(space_path: str | Path, overrides: Sequence[str] = (), *, name: st
 
     info = _start_ray(study, address=address, code=code, dashboard_host=dashboard_host)
     storage_url, optuna_copy = _optuna_storage(study, info, address=address, optuna_storage=optuna_storage)
-    from study.searcher import optuna_storage_url
+    from study.searcher import dashboard_target, optuna_storage_url
 
-    print(f"[study] Optuna dashboard: optuna-dashboard {storage_url or optuna_storage_url(study.study_dir)}",
-          flush=True)
+    dashboard = dashboard_target(storage_url or optuna_storage_url(study.study_dir))
+    print(f"[study] Optuna dashboard: optuna-dashboard {dashboard}", flush=True)
     if study.space.study.tune_loggers:
         print(f"[study] TensorBoard: tensorboard --logdir {study.folder.child('tune')}", flush=True)
     trainable, concurrency = _trainable(study)

@@ -15,6 +15,11 @@ scheduler before the searcher), and :class:`StudyOptunaSearch` tells Optuna PRUN
 reach ASHA's and OptunaSearch's private state through :mod:`study.compat` only. Intermediate values use
 the ``epoch`` metric as the step, not Tune's ``training_iteration`` (which restarts at 1 when a trial
 is resumed).
+
+``--optuna-storage`` names another storage (:func:`open_optuna_storage`): an RDB URL shared by several
+drivers, or ``journal:PATH``, Optuna's append-only journal file, whose storage keeps the study in the
+driver's memory and appends one line per write instead of reading the running trials back from sqlite at
+every suggestion (docs/cluster.md, for studies of hundreds of trials).
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from brainage_core.errors import ConfigError
 from study import compat
 from study.compat import EARLY_STOPPED
 from study.space import SearchSpace
 
-__all__ = ["EARLY_STOPPED", "RecordingASHA", "StudyOptunaSearch", "build_searcher", "build_scheduler",
-           "optuna_storage_url"]
+__all__ = ["EARLY_STOPPED", "JOURNAL_PREFIX", "RecordingASHA", "StudyOptunaSearch", "build_searcher",
+           "build_scheduler", "dashboard_target", "journal_path", "open_optuna_storage", "optuna_storage_url"]
+
+#: the prefix of an ``--optuna-storage`` value that names an Optuna journal file (``journal:PATH``)
+JOURNAL_PREFIX = "journal:"
 
 class RecordingASHA(ASHAScheduler):
     """ASHA on the reported ``epoch`` that remembers which trials it stopped early."""
@@ -103,11 +112,42 @@ def optuna_storage_url(study_dir: str | Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'optuna.db'}"
 
 
+def open_optuna_storage(url: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage ``url`` names: ``journal:PATH`` a journal file (Optuna's ``JournalFileBackend``
+    with the open-file lock that optuna-dashboard uses; created if missing, its folder must exist),
+    anything else an RDB URL (``sqlite:///...``, ``postgresql://...``). One ConfigError naming the value
+    when a journal's folder does not exist."""
+    path = journal_path(url)
+    if path is None:
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def journal_path(url: str) -> Path | None:
+    """The absolute journal file a ``journal:PATH`` storage value names (None for an RDB URL); one ConfigError
+    naming the value when PATH is empty, a folder, or in a folder that does not exist."""
+    if not url.startswith(JOURNAL_PREFIX):
+        return None
+    raw = url[len(JOURNAL_PREFIX):]
+    path = Path(raw).expanduser().resolve()
+    if not raw or path.is_dir() or not path.parent.is_dir():
+        raise ConfigError(f"--optuna-storage {url}: expected journal:PATH, PATH a file in an existing folder")
+    return path
+
+
+def dashboard_target(url: str) -> str:
+    """What ``optuna-dashboard`` takes for the storage ``url`` (a journal's file path, else the URL)."""
+    return url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url
+
+
 def build_searcher(space: SearchSpace, study_dir: str | Path | None, study_name: str, *,
                    storage_url: str | None = None,
                    storage: optuna.storages.BaseStorage | None = None) -> StudyOptunaSearch:
     """The Optuna searcher of a study: define-by-run space (conditionals), sampler by ``study.searcher``
-    seeded with ``study.seed``, storage ``storage_url`` (default sqlite at ``<study_dir>/optuna.db``), or
+    seeded with ``study.seed``, storage ``storage_url`` (:func:`open_optuna_storage`; default sqlite at
+    ``<study_dir>/optuna.db``), or
     an Optuna ``storage`` object instead (e.g. ``InMemoryStorage`` for the in-process replays of
     ``bench/search_efficiency.py``; ``study_dir`` may then be None).
 
@@ -124,7 +164,7 @@ def build_searcher(space: SearchSpace, study_dir: str | Path | None, study_name:
     else:
         sampler = optuna.samplers.GridSampler(space.grid(), seed=st.seed)
     if storage is None:
-        storage = optuna.storages.RDBStorage(storage_url or optuna_storage_url(study_dir))
+        storage = open_optuna_storage(storage_url or optuna_storage_url(study_dir))
     if st.multi_objective:
         metric: str | list[str] = list(st.objectives)
         mode: str | list[str] = list(st.modes)

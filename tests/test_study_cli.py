@@ -40,6 +40,16 @@ def test_bad_space_is_one_clear_error_and_starts_nothing(tmp_path):
     assert not (tmp_path / "studies").exists()
 
 
+def test_bad_journal_storage_is_one_clear_error_and_writes_nothing(tmp_path):
+    bad = f"journal:{tmp_path / 'missing' / 'optuna.journal'}"
+    proc = run(["-m", "study.run", str(ROOT / "search_spaces" / "smoke.yaml"), "--storage", str(tmp_path / "studies"),
+                "--optuna-storage", bad], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == f"error: --optuna-storage {bad}: expected journal:PATH, PATH a file in an existing folder"
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "missing").exists()
+
+
 def test_bad_override_and_missing_study_for_resume(tmp_path):
     smoke = str(ROOT / "search_spaces" / "smoke.yaml")
     proc = run(["-m", "study.run", smoke, "loss.temprature=0.1"], tmp_path)

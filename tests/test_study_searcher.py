@@ -87,3 +87,29 @@ def test_results_table_rewrites_atomically_and_replaces_re_reports(tmp_path):
     assert len(again) == 2
     with pytest.raises(ValueError, match="status 'done'"):
         again.set_status("t1", "done")
+
+
+def test_a_journal_storage_records_the_study_and_reopens(tmp_path):
+    """``--optuna-storage journal:PATH``: the same records as the sqlite storage, in an Optuna journal file
+    that a second driver (a resume) and optuna-dashboard open; a bad value is one ConfigError naming it."""
+    from brainage_core.errors import ConfigError
+    from study.searcher import dashboard_target, journal_path, open_optuna_storage
+
+    space = parse_search_space(SPACE, source="s.yaml")
+    url = f"journal:{tmp_path / 'optuna.journal'}"
+    searcher = build_searcher(space, tmp_path, "s", storage_url=url)
+    config = searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"epoch": 1, "val_mae_ext": 5.0, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {"epoch": 2, "val_mae_ext": 4.0, "training_iteration": 2})
+    assert not (tmp_path / "optuna.db").exists() and (tmp_path / "optuna.journal").stat().st_size > 0
+    reopened = optuna.load_study(study_name="s", storage=open_optuna_storage(url)).get_trials()
+    assert len(reopened) == 1 and reopened[0].state == optuna.trial.TrialState.COMPLETE
+    assert reopened[0].value == 4.0 and reopened[0].params == config and reopened[0].intermediate_values == {1: 5.0}
+    again = build_searcher(space, tmp_path, "s", storage_url=url)  # a resumed driver appends to the same study
+    again.suggest("t2")
+    assert len(optuna.load_study(study_name="s", storage=open_optuna_storage(url)).trials) == 2
+    assert dashboard_target(url) == str(tmp_path / "optuna.journal")
+    assert journal_path("sqlite:///x.db") is None and dashboard_target("sqlite:///x.db") == "sqlite:///x.db"
+    for bad in ("journal:", f"journal:{tmp_path}", f"journal:{tmp_path / 'missing' / 'o.journal'}"):
+        with pytest.raises(ConfigError, match=f"--optuna-storage {bad}: expected journal:PATH"):
+            open_optuna_storage(bad)
