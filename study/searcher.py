@@ -42,6 +42,7 @@ __all__ = ["EARLY_STOPPED", "JOURNAL_PREFIX", "RecordingASHA", "StudyOptunaSearc
 #: the prefix of an ``--optuna-storage`` value that names an Optuna journal file (``journal:PATH``)
 JOURNAL_PREFIX = "journal:"
 
+
 class RecordingASHA(ASHAScheduler):
     """ASHA on the reported ``epoch`` that remembers which trials it stopped early."""
 
@@ -147,9 +148,8 @@ def build_searcher(space: SearchSpace, study_dir: str | Path | None, study_name:
                    storage: optuna.storages.BaseStorage | None = None) -> StudyOptunaSearch:
     """The Optuna searcher of a study: define-by-run space (conditionals), sampler by ``study.searcher``
     seeded with ``study.seed``, storage ``storage_url`` (:func:`open_optuna_storage`; default sqlite at
-    ``<study_dir>/optuna.db``), or
-    an Optuna ``storage`` object instead (e.g. ``InMemoryStorage`` for the in-process replays of
-    ``bench/search_efficiency.py``; ``study_dir`` may then be None).
+    ``<study_dir>/optuna.db``), or an Optuna ``storage`` object instead (e.g. ``InMemoryStorage`` for the
+    in-process replays of ``bench/search_efficiency.py``; ``study_dir`` may then be None).
 
     Several ``study.objectives``: metric and mode are lists (Optuna multi-objective: ``nsga2`` is
     NSGA-II, ``tpe`` multi-objective TPE); ASHA prunes on ``study.objective`` (= ``prune_on``)."""
