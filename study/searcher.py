@@ -140,7 +140,8 @@ def journal_path(url: str) -> Path | None:
 
 def dashboard_target(url: str) -> str:
     """What ``optuna-dashboard`` takes for the storage ``url`` (a journal's file path, else the URL)."""
-    return url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url
+    path = journal_path(url)
+    return url if path is None else str(path)
 
 
 def build_searcher(space: SearchSpace, study_dir: str | Path | None, study_name: str, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import optuna
@@ -111,5 +112,5 @@ def test_a_journal_storage_records_the_study_and_reopens(tmp_path):
     assert dashboard_target(url) == str(tmp_path / "optuna.journal")
     assert journal_path("sqlite:///x.db") is None and dashboard_target("sqlite:///x.db") == "sqlite:///x.db"
     for bad in ("journal:", f"journal:{tmp_path}", f"journal:{tmp_path / 'missing' / 'o.journal'}"):
-        with pytest.raises(ConfigError, match=f"--optuna-storage {bad}: expected journal:PATH"):
+        with pytest.raises(ConfigError, match=re.escape(f"--optuna-storage {bad}: expected journal:PATH")):
             open_optuna_storage(bad)
