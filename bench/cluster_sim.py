@@ -237,8 +237,11 @@ class Probe:
     OPTUNA_WRITES = ("create_new_trial", "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
                      "set_trial_user_attr", "set_trial_system_attr")
 
-    def __init__(self, events: Path, gpus: int, sample_s: float):
+    def __init__(self, events: Path, gpus: int, sample_s: float, *, trace_at: tuple[int, int] | None = None):
         self.events, self.gpus, self.sample_s = events, gpus, sample_s
+        #: (finished trials of the first and of the second tracemalloc snapshot) with --trace-memory
+        self.trace_at = trace_at
+        self.snapshots: list[Any] = []
         self.samples: list[dict[str, float]] = []
         self.results_writes: list[tuple[float, int, float]] = []  # (t, rows, seconds) per change
         self.results_rewrites = 0  # whole-table rewrites among them (study.results: every COMPACT_EVERY_S)
@@ -320,7 +323,27 @@ class Probe:
             self.samples.append({"t": time.time(), "rss": me.memory_info().rss, "gpus_held": held,
                                  "started": sum(1 for _ in self.events.glob("*.jsonl")), "finished": self.finished,
                                  "cpu_s": sum(me.cpu_times()[:2])})
+            due = self.trace_at is not None and len(self.snapshots) < 2
+            if due and self.finished >= self.trace_at[len(self.snapshots)]:
+                import tracemalloc
+
+                self.snapshots.append((self.finished, tracemalloc.take_snapshot()))
             self._stop.wait(self.sample_s)
+
+    def memory_growth(self, top: int = 25) -> dict[str, Any] | None:
+        """The driver's Python allocations that grew between the two snapshots (--trace-memory): the
+        largest ``top`` by allocation traceback, innermost frame last, in KB per finished trial."""
+        if len(self.snapshots) < 2:
+            return None
+        (n0, first), (n1, second) = self.snapshots
+        per = max(1, n1 - n0)
+        sites = []
+        for stat in second.compare_to(first, "traceback")[:top]:
+            frames = [f"{_short(f.filename)}:{f.lineno}" for f in stat.traceback]
+            sites.append({"kb_per_trial": round(stat.size_diff / 1024 / per, 2), "blocks": stat.count_diff,
+                          "traceback": frames})
+        total = sum(s.size_diff for s in second.compare_to(first, "filename"))
+        return {"finished_trials": [n0, n1], "python_kb_per_trial": round(total / 1024 / per, 1), "sites": sites}
 
     def start(self) -> None:
         self._thread.start()
@@ -510,6 +533,15 @@ def ray_processes_rss_mb() -> float:
     return total / 2**20
 
 
+def _short(filename: str) -> str:
+    """A source path without the machine's prefix (site-packages/…, or relative to the repository)."""
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1]
+    if filename.startswith(str(ROOT)):
+        return os.path.relpath(filename, ROOT)
+    return filename.rsplit("/lib/", 1)[-1]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One simulated study (see the module docstring); returns the report."""
     from study.ray_runtime import DEFAULT_ENV
@@ -559,7 +591,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[cluster-sim] Ray did not start ({exc}); trying again", flush=True)
             ray.shutdown()
     report["ray_start_s"] = time.perf_counter() - t_ray
-    probe = Probe(events, args.gpus, args.sample_s)
+    trace_at = (args.trials // 2, args.trials - concurrency) if args.trace_memory else None
+    if trace_at is not None:
+        import tracemalloc
+
+        tracemalloc.start(args.trace_memory)
+    probe = Probe(events, args.gpus, args.sample_s, trace_at=trace_at)
     probe.install()
     probe.start()
     ray_peak = [0.0]
@@ -613,6 +650,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "training": "bench.cluster_sim.standin_train through BRAINAGE_TEST_TRAIN_FN (sleep per epoch, synthetic "
                     "learning curve; no model, no data loading, no GPU kernels)"}
     report["ray_processes_peak_rss_mb"] = ray_peak[0]
+    report["driver_memory_growth"] = probe.memory_growth()
     report["interrupted_after_s"] = args.max_wall_s if interrupted.is_set() else None
     report.update(analyse(load_events(events), probe, gpus=args.gpus, epoch_s=args.epoch_s, t_start=t_start,
                           t_end=t_end, study_dir=study_dir))
@@ -648,6 +686,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optuna-storage", choices=("sqlite", "journal"), default="sqlite",
                    help="the study's Optuna storage: its sqlite optuna.db (default) or an Optuna journal file "
                         "(study/run.py --optuna-storage journal:PATH)")
+    p.add_argument("--trace-memory", type=int, default=0, metavar="FRAMES",
+                   help="trace the driver's Python allocations (tracemalloc, FRAMES deep) and report what grew "
+                        "from half the trials finished to all but the last wave (driver_memory_growth); slows the "
+                        "driver, so its times are not comparable with an untraced run")
     p.add_argument("--sample-s", type=float, default=0.5, help="probe period (driver RSS, held GPUs)")
     p.add_argument("--workdir", type=Path, help="folder for the study, events and cache (default: a new temp dir)")
     p.add_argument("--cache", type=Path, help="BRAINAGE_CACHE (the tiny store; default: inside the workdir)")

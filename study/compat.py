@@ -8,6 +8,8 @@ Ray (2.60.0) and Optuna (5.0.0) are pinned. A few behaviours the studies need ha
 - recording the trials ASHA stops as PRUNED in Optuna with their intermediate values
   (``study/searcher.py``): ASHA's clock and horizon, OptunaSearch's trial map, finished set and study, an
   Optuna trial's storage id;
+- forgetting a finished trial's per-metric statistics, which Tune keeps for every numeric result key of
+  every trial for the whole study (``study/callback.py``, :func:`forget_metric_history`);
 - quieting Train V2's per-report INFO logger (``study/trial.py``), finding the dashboard of a Ray this
   process already joined (``study/ray_runtime.py``), and turning Ray's token authentication on in a test.
 
@@ -29,8 +31,8 @@ from typing import Any
 
 __all__ = ["EARLY_STOPPED", "PRIVATE_SYMBOLS", "PrivateSymbol", "asha_max_t", "asha_time_attr",
            "controller_start_method", "datasets_callback_class", "default_callbacks_method", "token_auth",
-           "failure_policy_classes", "joined_dashboard_url", "loopback_node", "missing", "optuna_completed",
-           "optuna_intermediate_values", "optuna_study", "optuna_trials", "report_queue",
+           "failure_policy_classes", "forget_metric_history", "joined_dashboard_url", "loopback_node", "missing",
+           "optuna_completed", "optuna_intermediate_values", "optuna_study", "optuna_trials", "report_queue",
            "train_report_logger_name", "tune_session", "user_exception_class", "worker_group_callback_class"]
 
 
@@ -90,6 +92,10 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "study/searcher.py", "the Optuna study, told PRUNED / FAIL directly"),
     PrivateSymbol("optuna.trial._trial", "Trial.__init__:_trial_id", "instance attribute", "study/searcher.py",
                   "the storage id, to read a live trial's intermediate values"),
+    PrivateSymbol("ray.tune.trainable.metadata", "_TrainingRunMetadata.__init__:metric_analysis", "instance attribute",
+                  "study/callback.py", "a finished trial's per-metric statistics, kept for the objectives only"),
+    PrivateSymbol("ray.tune.trainable.metadata", "_TrainingRunMetadata.__init__:metric_n_steps", "instance attribute",
+                  "study/callback.py", "the same statistics' last-5 / last-10 windows"),
     PrivateSymbol("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", "import", "study/ray_runtime.py",
                   "cleared during ray.init so that a local Ray keeps 127.0.0.1 as its node address"),
     PrivateSymbol("ray.train.v2._internal.exceptions", "UserExceptionWithTraceback", "import",
@@ -254,6 +260,22 @@ def token_auth(token_file: str | os.PathLike[str]) -> Iterator[None]:
             yield
     finally:
         reread()
+
+
+# --- Tune's trial bookkeeping (study/callback.py) ---------------------------------------------------------
+
+def forget_metric_history(trial: Any, keep: set[str]) -> None:
+    """Drop a finished Tune trial's statistics of every result key but ``keep``.
+
+    Tune keeps, for every numeric key of a trial's results (~30: ours and its own), min / max / mean / last
+    and last-5 / last-10 windows, in the driver for the whole study and in every experiment snapshot:
+    ~40 KB of driver memory per trial, the largest part of what a study's driver grows by per trial
+    (docs/cluster-sim.md). Nothing reads them once the trial has ended except
+    ``ResultGrid.get_best_result(metric, scope=...)``, which keeps working for the metrics in ``keep``
+    (the study's objectives). The trial's last result (``Result.metrics``) is untouched."""
+    meta = trial.run_metadata
+    meta.metric_analysis = {k: v for k, v in meta.metric_analysis.items() if k in keep}
+    meta.metric_n_steps = {k: v for k, v in meta.metric_n_steps.items() if k in keep}
 
 
 # --- ASHA and OptunaSearch (study/searcher.py) -------------------------------------------------------------

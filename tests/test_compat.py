@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_PATTERN = re.compile(
     r"ray\.[\w.]*_internal|ray\._private|_TrainSession|_create_default_callbacks|_training_actor_item_queue"
     r"|\._time_attr\b|\._max_t\b|\._ot_trials\b|\._ot_study\b|\._completed_trials\b|\._trial_id\b|_enable_token_auth|ray\._raylet"
+    r"|\.run_metadata\b|_TrainingRunMetadata"
 )
 
 
@@ -69,3 +70,31 @@ def test_accessors_read_the_live_state_of_asha_and_optuna_search():
     searcher.on_trial_complete("t1", {"val_lc": 0.4})
     assert "t1" in compat.optuna_completed(searcher)
     assert compat.optuna_study(searcher).trials[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_forget_metric_history_keeps_the_objectives_and_the_last_result():
+    from ray.tune.analysis import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    trials = []
+    for i in range(2):
+        trial = Trial("trainable", stub=True, trial_id=f"t{i}")
+        for epoch in (1, 2, 3):
+            trial.update_last_result({"training_iteration": epoch, "epoch": epoch, "val_mae_ext": 10.0 - epoch - i,
+                                      "val_bacc": 0.5, "train_loss": 1.0 / epoch, "wall_s": 2.0 * epoch})
+        trials.append(trial)
+    before = len(trials[0].run_metadata.get_json_state())
+    assert {"val_bacc", "train_loss", "wall_s", "epoch"} <= set(trials[0].metric_analysis)
+    for trial in trials:
+        compat.forget_metric_history(trial, {"val_mae_ext"})
+    for trial in trials:
+        assert set(trial.metric_analysis) == {"val_mae_ext"} and set(trial.metric_n_steps) == {"val_mae_ext"}
+        assert trial.metric_analysis["val_mae_ext"]["min"] == trial.last_result["val_mae_ext"]
+        assert trial.last_result["train_loss"] == pytest.approx(1 / 3)  # the last result is kept whole
+    # the experiment snapshot of the trial (cached JSON) is rebuilt without the forgotten keys
+    assert len(trials[0].run_metadata.get_json_state()) < before / 2
+    # what Tune still reads from them: the best trial by an objective, at every scope
+    analysis = ExperimentAnalysis.__new__(ExperimentAnalysis)
+    analysis.trials = trials
+    for scope in ("last", "avg", "last-5-avg", "all"):
+        assert analysis.get_best_trial("val_mae_ext", "min", scope=scope).trial_id == "t1", scope
