@@ -6,6 +6,8 @@
 - progress: one line per result, the progress table (:mod:`study.progress`);
 - Optuna snapshots: on clusters and object stores the Optuna sqlite lives on the driver's disk and is
   copied into the study folder at each result (``optuna_copy``);
+- finished trials: Tune's statistics of every result key but the objectives are dropped at a trial's
+  end (~40 KB of driver memory per trial; :func:`study.compat.forget_metric_history`);
 - write failures: an OSError writing the study folder is said once and recorded in
   :data:`study.failures.WRITE_ERRORS`, which stops the study (no traceback from inside Tune);
 - after-result hooks: every function in :data:`AFTER_RESULT_HOOKS` is called as ``hook(written)`` once
@@ -108,6 +110,19 @@ class _OptunaSnapshots:
             copy_sqlite(*self.optuna_copy)
 
 
+class _FinishedTrials:
+    """What the callback drops of a finished trial: Tune's statistics of its result keys other than the
+    objectives, ~40 KB of driver memory per trial (:func:`study.compat.forget_metric_history`)."""
+
+    space: SearchSpace
+
+    def forget_metric_history(self, trial: Any) -> None:
+        from study.compat import forget_metric_history
+
+        st = self.space.study
+        forget_metric_history(trial, {st.objective, *st.objectives})
+
+
 class _ProgressLines:
     """The callback's progress output: one line per result and, at most every
     :data:`~study.progress.PROGRESS_TABLE_EVERY_S`, the progress table (whole at the end)."""
@@ -139,9 +154,9 @@ class _ProgressLines:
 def _make_callback_class():
     from ray.tune import Callback
 
-    class StudyCallbackImpl(_ProgressLines, _OptunaSnapshots, Callback):
-        """Driver-side: results.parquet rows, trial statuses, the after-result hooks; the progress lines
-        and the Optuna snapshots come from :class:`_ProgressLines` and :class:`_OptunaSnapshots`.
+    class StudyCallbackImpl(_ProgressLines, _OptunaSnapshots, _FinishedTrials, Callback):
+        """Driver-side: results.parquet rows, trial statuses, the after-result hooks; the progress lines,
+        the Optuna snapshots and what a finished trial leaves behind come from the three mixins.
 
         Holds only picklable settings (Tune pickles callbacks into its experiment); the table and the
         static columns are (re)built in ``setup``, so a restored study continues the existing file.
@@ -213,14 +228,6 @@ def _make_callback_class():
             self.table.set_status(trial.trial_id, "error")
             self.forget_metric_history(trial)
             self.print_table(trials)
-
-        def forget_metric_history(self, trial: Any) -> None:
-            """A finished trial's statistics of result keys other than the objectives are dropped from Tune's
-            bookkeeping: ~40 KB of driver memory per trial (:func:`study.compat.forget_metric_history`)."""
-            from study.compat import forget_metric_history
-
-            st = self.space.study
-            forget_metric_history(trial, {st.objective, *st.objectives})
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             if self.table is not None and len(self.table):

@@ -69,6 +69,20 @@ def test_tune_loggers_off_writes_no_tune_log_files(smoke_study):
     assert "Could not fetch metrics" not in out and "Failed to fetch metrics" not in out
 
 
+
+def test_finished_trials_keep_tune_statistics_of_the_objective_only(smoke_study):
+    """The driver's callback drops, at each trial's end, Tune's statistics of every result key but the
+    objective (driver memory per trial, docs/cluster-sim.md); Tune's last experiment snapshot shows it."""
+    import json
+
+    state = sorted((smoke_study["dir"] / "tune").glob("experiment_state-*.json"))[-1]
+    trials = json.loads(state.read_text())["trial_data"]
+    assert len(trials) == 2
+    for _, run_metadata in trials:
+        meta = json.loads(run_metadata)
+        assert set(meta["metric_analysis"]) == {"val_mae_ext"} == set(meta["metric_n_steps"]), meta["metric_analysis"]
+        assert {"val_bacc", "train_loss", "epoch"} <= set(meta["last_result"])  # the last result is whole
+
 def _images(html: str) -> int:
     return len(re.findall(r'<img[^>]+src="data:image/png;base64,', html))
 
