@@ -8,6 +8,7 @@ tests/test_analysis.py and tests/test_final.py, each running its own smoke study
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -73,8 +74,6 @@ def test_tune_loggers_off_writes_no_tune_log_files(smoke_study):
 def test_finished_trials_keep_tune_statistics_of_the_objective_only(smoke_study):
     """The driver's callback drops, at each trial's end, Tune's statistics of every result key but the
     objective (driver memory per trial, docs/cluster-sim.md); Tune's last experiment snapshot shows it."""
-    import json
-
     state = sorted((smoke_study["dir"] / "tune").glob("experiment_state-*.json"))[-1]
     trials = json.loads(state.read_text())["trial_data"]
     assert len(trials) == 2
