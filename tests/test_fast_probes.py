@@ -125,6 +125,29 @@ def test_fast_logistic_reaches_scikit_learns_converged_solution(k):
     np.testing.assert_array_equal(probe.predict(X), est.predict(X))
 
 
+def degenerate_site_features(case):
+    X, sites = site_problem(n=90, p=5, k=3, seed=2, sep=0.8)
+    if case == "a constant feature":
+        return np.column_stack([X, np.full(len(X), 3.0)]), sites
+    if case == "a duplicated feature and an offset":  # collinear columns, features far from the origin
+        return np.column_stack([X, X[:, 0]]) + 50.0, sites
+    rng = np.random.default_rng(5)  # more features than the training rows of a fold
+    return np.column_stack([X, rng.normal(size=(len(X), 80))]), sites
+
+
+@pytest.mark.parametrize("case", ["a constant feature", "a duplicated feature and an offset",
+                                  "more features than subjects"])
+def test_fast_logistic_on_degenerate_features_reaches_the_converged_solution(case):
+    X, sites = degenerate_site_features(case)
+    want = sk_logistic(X, sites, StratifiedKFold(5))
+    probe = fit_site_probe(X, sites, protocol="fast")
+    assert probe.note is None and probe.param["C"] == want.best_params_["C"]
+    assert probe.cv_score == pytest.approx(want.best_score_, abs=1e-12)
+    est = want.best_estimator_
+    np.testing.assert_allclose(probe.estimator.coef_, est.coef_, atol=1e-3 * max(1.0, np.abs(est.coef_).max()))
+    np.testing.assert_array_equal(probe.predict(X), est.predict(X))
+
+
 def test_fast_logistic_when_a_training_fold_misses_a_class():
     X, sites = site_problem(n=60, k=3, seed=4)
     sites[:3] = 3  # a site of 3 subjects: shuffled KFold, some training folds lack it

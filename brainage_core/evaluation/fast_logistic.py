@@ -40,66 +40,131 @@ LBFGS_HISTORY = 10
 #: The float32 phase of a float64 fit stops at this gradient max-norm (float32 rounding often stops it
 #: between 1e-5 and 1e-6 anyway) or after this many iterations: on nearly separable sites with large
 #: features an unbounded float32 phase crept on for its whole ``max_iter`` (bench/probes.py --scale 50)
-FLOAT32_GTOL = 1e-5
+FLOAT32_GTOL = 1e-6
+#: The line search: Armijo's sufficient decrease, else (the decrease lost in rounding) the approximate Wolfe
+#: conditions of Hager & Zhang (SIAM J. Optim. 16, 2005): f(a) <= f(0) + eps |f(0)| and
+#: sigma f'(0) <= f'(a) <= (2 delta - 1) f'(0)
+ARMIJO = 1e-4
+APPROX_WOLFE_EPS = 1e-6
+WOLFE_DELTA = 0.1
+WOLFE_SIGMA = 0.9
 FLOAT32_MAX_ITER = 300
 
 
-class _LogisticBatch:
-    """B independent penalised multinomial problems sharing the rows ``Xa`` (n, p+1; last column ones).
+@dataclass
+class _WhitenedGroup:
+    """One row group (a fold's training rows, or every row) in whitened coordinates.
 
-    Problem b: sample weights ``weight[:, b]`` (n,) (1 / n_train on its training rows, else 0), penalty
-    ``lam[b]`` = 1 / (C n_train) on the coefficient rows (not the intercept row), classes ``present[b]``
-    (K,) (the others get logit -inf) of which ``free[b]`` have parameters (the reference class of a
-    binomial fit keeps logit 0). Parameters: (b, p+1, K); every product with ``Xa`` is one GEMM over
-    the b problems side by side.
+    With ``X_g - mean = U Σ Vᵀ`` (thin SVD over the n_g rows), ``Z = sqrt(n_g) U`` has ``ZᵀZ / n_g = I``, and
+    logits ``(X_g - mean) W + b'`` equal ``Z W̃ + b'`` with ``W = V diag(1/s^½) W̃``, ``s = Σ² / n_g`` the
+    variances along V. The penalty ``‖W‖²`` is ``Σ_j ‖W̃_j‖² / s_j`` (V is orthogonal), and the unpenalised
+    intercept makes the centring exact (``b = b' - mean W``). Directions of numerically zero variance get
+    zero columns and no penalty: their ``W̃_j`` stays 0, as ``W`` does there at the optimum.
     """
 
-    def __init__(self, Xa: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor,
-                 present: torch.Tensor, free: torch.Tensor):
-        self.Xa, self.XaT, self.weight, self.lam = Xa, Xa.T.contiguous(), weight, lam
-        self.free = free
-        self.true_class = codes[:, None, None]  # (n, 1, 1)
+    Za: torch.Tensor  # (n_g, p+1): Z and a column of ones
+    codes: torch.Tensor  # (n_g,) class codes
+    mean: torch.Tensor  # (p,)
+    to_w: torch.Tensor  # (p, p): V diag(1/s^½), W = to_w W̃
+    to_wt: torch.Tensor  # (p, p): V diag(s^½), W̃ = to_wtᵀ W, and ∂f/∂W = to_wt ∂f/∂W̃
+    inv_var: torch.Tensor  # (p,): 1/s_j, 0 for a direction of zero variance
+
+    @classmethod
+    def of(cls, X: torch.Tensor, codes: torch.Tensor) -> _WhitenedGroup:
+        """``X`` (n_g, p) float64, ``codes`` (n_g,)."""
+        n_g, p = X.shape
+        mean = X.mean(dim=0)
+        U, sigma, Vh = torch.linalg.svd(X - mean, full_matrices=False)  # U (n_g, r), r = min(n_g, p)
+        kept = sigma > sigma.amax() * max(n_g, p) * torch.finfo(X.dtype).eps  # numpy's matrix_rank tolerance
+        std = torch.where(kept, sigma, 0.0) / math.sqrt(n_g)
+        Z = torch.zeros(n_g, p, dtype=X.dtype, device=X.device)
+        V = torch.zeros(p, p, dtype=X.dtype, device=X.device)
+        r = sigma.numel()
+        Z[:, :r] = U * (kept * math.sqrt(n_g))
+        V[:, :r] = Vh.T
+        std = torch.cat([std, std.new_zeros(p - r)])
+        inv_std = torch.where(std > 0, 1.0 / torch.where(std > 0, std, 1.0), 0.0)
+        Za = torch.cat([Z, Z.new_ones(n_g, 1)], dim=1)
+        return cls(Za, codes, mean, V * inv_std, V * std, inv_std**2)
+
+    def to_whitened(self, theta: torch.Tensor) -> torch.Tensor:
+        """(b, p+1, K) ``[W; b]`` on the original features to this group's ``[W̃; b']``."""
+        W, b = theta[:, :-1], theta[:, -1:]
+        return torch.cat([self.to_wt.T @ W, b + self.mean @ W], dim=1)
+
+    def to_original(self, theta: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_whitened`."""
+        W = self.to_w @ theta[:, :-1]
+        return torch.cat([W, theta[:, -1:] - self.mean @ W], dim=1)
+
+
+class _LogisticBatch:
+    """B independent penalised multinomial problems over row groups, each in its whitened coordinates.
+
+    Problem b fits group ``group[b]`` (a :class:`_WhitenedGroup`, its data in ``dtype``) with penalty
+    ``lam[b]`` = 1 / (C n_g), on the per-row-mean scale: ``mean CE + lam / 2 · Σ_j inv_var_j ‖W̃_j‖²``. Its
+    classes are those present in its group (the others get logit -inf), of which ``free[b]`` (K,) have
+    parameters (the reference class of a binomial fit keeps logit 0). Parameters (b, p+1, K); the problems
+    of one group share two GEMMs over that group's rows, so a fold's held-out rows cost nothing.
+    """
+
+    def __init__(self, groups: list[_WhitenedGroup], group: torch.Tensor, lam: torch.Tensor, free: torch.Tensor,
+                 n_classes: int, dtype: torch.dtype):
+        self.dtype, self.device = dtype, groups[0].Za.device
+        self.Za = [g.Za.to(dtype) for g in groups]
+        self.ZaT = [z.T.contiguous() for z in self.Za]
+        self.group, self.lam, self.free = group, lam.to(dtype), free.to(dtype)
+        self.true_class = [g.codes[:, None, None] for g in groups]  # (n_g, 1, 1)
+        onehot = [torch.nn.functional.one_hot(g.codes, n_classes).to(dtype) for g in groups]
+        #: Zaᵀ onehot (p+1, K) per group: the gradient's label term, computed once
+        self.label_sums = [zt @ y for zt, y in zip(self.ZaT, onehot)]
         # an absent class gets logit -inf; skipped (one pass less over (n, b, K)) when every class is present
-        self.logit_offset = None if bool(present.all()) else torch.where(present, 0.0, -math.inf).to(Xa.dtype)
-        self.penal = torch.ones(Xa.shape[1], 1, dtype=Xa.dtype, device=Xa.device)
-        self.penal[-1] = 0.0
+        present = [y.sum(dim=0) > 0 for y in onehot]
+        self.logit_offset = [None if bool(m.all()) else torch.where(m, 0.0, -math.inf).to(dtype) for m in present]
+        #: (G, p+1, 1) the penalty's weight per parameter row (0: the intercept)
+        self.penal = torch.stack([torch.cat([g.inv_var, g.inv_var.new_zeros(1)]) for g in groups])[:, :, None].to(dtype)
+        self.to_wt = torch.stack([g.to_wt for g in groups]).to(dtype)
 
-    def inverse_curvature(self, n_classes: int) -> torch.Tensor:
-        """(B, p+1, p+1): the inverse of each problem's Hessian block at uniform class probabilities
-        (curvature ~1/K per row), ``(Xaᵀ diag(w) Xa / K + lam · diag(penalised))⁻¹``, the same for every
-        class. As L-BFGS's initial inverse Hessian it undoes the features' correlations and scales (an
-        encoder's features are often nearly collinear), which plain L-BFGS pays for in iterations."""
-        # in float64: with nearly collinear features and a small lam, h is ill-conditioned
-        Xa, weight = self.Xa.double(), self.weight.double()
-        gram = torch.einsum("ib,ij,ik->bjk", weight, Xa, Xa) / n_classes
-        h = gram + torch.diag_embed(self.lam.double()[:, None] * self.penal.double()[:, 0][None])
-        return torch.linalg.inv(h).to(self.Xa.dtype)
+    def initial_inverse_hessian(self, n_classes: int) -> torch.Tensor:
+        """(B, p+1, 1): the inverse of each problem's Hessian diagonal at uniform class probabilities (data
+        curvature ~1/K per row and unit variance in whitened coordinates, plus the penalty), L-BFGS's H0."""
+        return 1.0 / (1.0 / n_classes + self.lam[:, None, None] * self.penal[self.group])
 
-    def logits(self, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(n, b, K) logits of the problems ``idx`` at ``theta`` (b, p+1, K)."""
-        b, q, k = theta.shape
-        z = (self.Xa @ theta.permute(1, 0, 2).reshape(q, b * k)).view(-1, b, k)
-        return z if self.logit_offset is None else z + self.logit_offset[idx][None]
+    def gradient_max_norm(self, grad: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(b,): the max-norm of the gradient (b, p+1, K) on the original (centred) features' scale, the
+        quantity the tolerance applies to: ``∂f/∂W = V diag(s^½) ∂f/∂W̃``."""
+        gw = self.to_wt[self.group[idx]] @ grad[:, :-1]
+        return torch.maximum(gw.abs().amax(dim=(1, 2)), grad[:, -1].abs().amax(dim=1))
 
     def value_grad(self, theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective (b,) and gradient (b, p+1, K) of the problems ``idx`` at ``theta`` (b, p+1, K).
-
-        The passes over the (n, b, K) logits (which, not the two GEMMs, dominate the cost) are kept to
-        three: ``log_softmax``, its in-place ``exp`` and the weighting; the one-hot term is a scatter."""
-        b, q, k = theta.shape
-        logp = torch.log_softmax(self.logits(theta, idx), dim=2)  # (n, b, K)
-        w = self.weight[:, idx]  # (n, b)
-        nll = -logp.gather(2, self.true_class.expand(-1, b, 1))[:, :, 0]
-        # a row outside problem b's training rows (w = 0) may hold a class absent from it: nll = inf there
-        ce = torch.where(w > 0, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
-        lam = self.lam[idx]
-        pen = (theta * theta * self.penal).sum(dim=(1, 2))
-        value = (w * ce).sum(dim=0) + 0.5 * lam * pen
-        resid = logp.exp_().mul_(w[:, :, None])  # w * softmax
-        resid.scatter_add_(2, self.true_class.expand(-1, b, 1), -w[:, :, None])  # - w * onehot
-        grad = (self.XaT @ resid.view(-1, b * k)).view(q, b, k).permute(1, 0, 2)
-        grad = (grad + lam[:, None, None] * theta * self.penal) * self.free[idx, None, :]
+        """Objective (b,) and gradient (b, p+1, K) of the problems ``idx`` (b,) at ``theta`` (b, p+1, K)."""
+        groups = self.group[idx]
+        found = torch.unique(groups).tolist()
+        if len(found) == 1:
+            return self._group_value_grad(found[0], theta, idx)
+        value, grad = theta.new_empty(theta.shape[0]), torch.empty_like(theta)
+        for g in found:
+            pos = torch.nonzero(groups == g).flatten()
+            value[pos], grad[pos] = self._group_value_grad(g, theta[pos], idx[pos])
         return value, grad
+
+    def _group_value_grad(self, g: int, theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`value_grad` for problems of group ``g`` only. The passes over the (n_g, b, K) logits (which,
+        with the two GEMMs, set the cost) are kept to two: ``log_softmax`` and its in-place ``exp``."""
+        b, q, k = theta.shape
+        Za = self.Za[g]
+        n_g = Za.shape[0]
+        z = (Za @ theta.permute(1, 0, 2).reshape(q, b * k)).view(n_g, b, k)
+        if self.logit_offset[g] is not None:
+            z = z + self.logit_offset[g]
+        logp = torch.log_softmax(z, dim=2)
+        ce = logp.gather(2, self.true_class[g].expand(-1, b, 1)).sum(dim=(0, 2)).neg_() / n_g
+        lam, penal = self.lam[idx], self.penal[g]
+        value = ce + 0.5 * lam * (theta * theta * penal).sum(dim=(1, 2))
+        prob = logp.exp_()
+        grad = (self.ZaT[g] @ prob.view(n_g, b * k)).view(q, b, k).permute(1, 0, 2)
+        grad = (grad - self.label_sums[g]) / n_g + lam[:, None, None] * theta * penal
+        return value, grad * self.free[idx, None, :]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,33 +172,53 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1)
 
 
+@dataclass
+class _LbfgsMemory:
+    """The curvature pairs of a batched L-BFGS run, handed from its float32 phase to its float64 polish
+    (a polish that starts with an empty memory spends its first iterations relearning the curvature)."""
+
+    S: torch.Tensor  # (history, B, D) steps
+    Y: torch.Tensor  # (history, B, D) gradient changes
+    rho: torch.Tensor  # (history, B) 1 / sᵀy; 0 marks an empty or skipped pair (a no-op in the recursion)
+    gamma: torch.Tensor  # (B,) scale of the initial inverse Hessian
+    count: int  # pairs written so far (the ring's next slot is count % history)
+
+    @classmethod
+    def empty(cls, history: int, B: int, D: int, dtype: torch.dtype, device: torch.device) -> _LbfgsMemory:
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return cls(zeros(history, B, D), zeros(history, B, D), zeros(history, B),
+                   torch.ones(B, dtype=dtype, device=device), 0)
+
+    def to(self, dtype: torch.dtype) -> _LbfgsMemory:
+        return _LbfgsMemory(self.S.to(dtype), self.Y.to(dtype), self.rho.to(dtype), self.gamma.to(dtype), self.count)
+
+
 def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int], *, gtol: float,
                    max_iter: int, h_inv: torch.Tensor, history: int = LBFGS_HISTORY,
-                   x0: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Minimise every problem of ``batch`` from ``x0`` (B, p+1, K) or zero, with ``h_inv`` (B, p+1, p+1;
-    :meth:`_LogisticBatch.inverse_curvature`, scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0.
-    Returns parameters (B, p+1, K), the final gradient
-    max-norms (B,) and the iterations used (B,). A problem stops once its gradient max-norm is <= ``gtol``
-    (or after ``max_iter`` iterations, or when its line search can no longer decrease the objective:
-    flat to rounding). The objective and gradient are evaluated for the active problems only; the
-    L-BFGS bookkeeping (cheap next to them) runs on the whole batch."""
-    Xa = batch.Xa
-    dev, dt = Xa.device, Xa.dtype
+                   x0: torch.Tensor | None = None, memory: _LbfgsMemory | None = None,
+                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, _LbfgsMemory]:
+    """Minimise every problem of ``batch`` from ``x0`` (B, p+1, K) or zero, with ``h_inv`` (B, p+1, 1;
+    :meth:`_LogisticBatch.initial_inverse_hessian`, scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0
+    and the curvature pairs of ``memory`` (a previous run's, else none). Returns parameters (B, p+1, K), the
+    final gradient max-norms (B,), the iterations used (B,) and the memory. A problem stops once its gradient
+    max-norm is <= ``gtol`` (or after ``max_iter`` iterations, or when its line search can no longer decrease
+    the objective: flat to rounding). The objective and gradient are evaluated for the active problems only;
+    the L-BFGS bookkeeping (cheap next to them) runs on the whole batch."""
+    dev, dt = batch.device, batch.dtype
     B = n_problems
     D = shape[0] * shape[1]
     x = torch.zeros(B, D, dtype=dt, device=dev) if x0 is None else x0.reshape(B, D).to(dt).clone()
     f, g = batch.value_grad(x.view(B, *shape), torch.arange(B, device=dev))
     g = g.reshape(B, D)
-    S = torch.zeros(history, B, D, dtype=dt, device=dev)
-    Y = torch.zeros(history, B, D, dtype=dt, device=dev)
-    rho = torch.zeros(history, B, dtype=dt, device=dev)  # 0: an empty or skipped pair (a no-op below)
+    mem = _LbfgsMemory.empty(history, B, D, dt, dev) if memory is None else memory.to(dt)
+    S, Y, rho, gamma, done = mem.S, mem.Y, mem.rho, mem.gamma, mem.count
 
     def precondition(v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         m = h_inv if rows is None or rows.numel() == h_inv.shape[0] else h_inv[rows]  # no copy when all active
-        return (m @ v.view(-1, *shape)).reshape(v.shape)
-    gamma = torch.ones(B, dtype=dt, device=dev)
+        return (m * v.view(-1, *shape)).reshape(v.shape)
     iters = np.zeros(B, dtype=np.int64)
-    gmax = g.abs().amax(dim=1)
+    gmax = batch.gradient_max_norm(g.view(B, *shape), torch.arange(B, device=dev))
     active = gmax > gtol
     for it in range(max_iter):
         idx = torch.nonzero(active).flatten()
@@ -141,7 +226,8 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
             break
         # two-loop recursion over the stored pairs, newest first
         q = -g
-        slots = [(it - 1 - j) % history for j in range(min(it, history))]
+        k = done + it
+        slots = [(k - 1 - j) % history for j in range(min(k, history))]
         coeffs = []
         for sl in slots:
             a = rho[sl] * _dot(S[sl], q)
@@ -165,16 +251,24 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
                 break
             trial = torch.addcmul(x0[pidx], d_a[pidx], step[pidx, None])
             ft, gt = batch.value_grad(trial.view(-1, *shape), idx[pidx])
-            ok = ft <= f0[pidx] + 1e-4 * step[pidx] * gd_a[pidx]
+            gt = gt.reshape(-1, D)
+            f0p, gdp = f0[pidx], gd_a[pidx]
+            ok = ft <= f0p + ARMIJO * step[pidx] * gdp
+            # near the optimum the decrease falls below the objective's rounding (float32 stops ~1e-5 short of
+            # the tolerance on Armijo alone): there accept a step whose slope satisfies Hager and Zhang's
+            # approximate Wolfe conditions, slopes being accurate where objective differences are not
+            slope = _dot(gt, d_a[pidx])
+            ok |= ((ft <= f0p + APPROX_WOLFE_EPS * f0p.abs()) & (slope >= WOLFE_SIGMA * gdp)
+                   & (slope <= (2.0 * WOLFE_DELTA - 1.0) * gdp))
             okp = pidx[ok]
-            x_new[okp], f_new[okp], g_new[okp] = trial[ok], ft[ok], gt.reshape(-1, D)[ok]
+            x_new[okp], f_new[okp], g_new[okp] = trial[ok], ft[ok], gt[ok]
             pending[okp] = False
             step[pidx[~ok]] *= 0.5
         s_vec, y_vec = x_new - x0, g_new - g0
         sy = _dot(s_vec, y_vec)
         yy = _dot(y_vec, y_vec)
         good = (sy > 1e-12 * torch.sqrt(yy * _dot(s_vec, s_vec))) & ~pending
-        slot = it % history
+        slot = k % history
         S[slot].zero_()
         Y[slot].zero_()
         rho[slot].zero_()
@@ -185,11 +279,12 @@ def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int
         gamma[idx] = torch.where(good, sy / torch.where(good, ypy, one), gamma[idx])
         x[idx], f[idx], g[idx] = x_new, f_new, g_new
         iters[idx.cpu().numpy()] += 1
-        gmax[idx] = g_new.abs().amax(dim=1)
+        gmax[idx] = batch.gradient_max_norm(g_new.view(-1, *shape), idx)
         still = torch.zeros(B, dtype=torch.bool, device=dev)
         still[idx] = ~pending  # a failed line search: flat to rounding, the problem stops
         active = (gmax > gtol) & still
-    return x.view(B, *shape), gmax.cpu().numpy(), iters
+    mem.count = done + int(iters.max(initial=0))
+    return x.view(B, *shape), gmax.cpu().numpy(), iters, mem
 
 
 @dataclass
@@ -205,52 +300,57 @@ class LogisticSearch:
     iterations: int  # largest iteration count over every fit
 
 
-def _problem_masks(codes: np.ndarray, rows_list: list[np.ndarray], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    present = np.zeros((len(rows_list), n_classes), dtype=bool)
-    for b, rows in enumerate(rows_list):
-        present[b, np.unique(codes[rows])] = True
-    free = present.copy()
-    for b in range(len(rows_list)):
-        found = np.flatnonzero(present[b])
-        if found.size == 2:  # binomial, as scikit-learn: one coefficient row, for the larger class
-            free[b, found[0]] = False
+def _class_masks(codes: np.ndarray, groups: list[np.ndarray], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(G, K) each: the classes present in each group's rows, and those with parameters (the present ones
+    less, for two classes, the first: scikit-learn's binomial fit has one coefficient row, for the second)."""
+    present = np.zeros((len(groups), n_classes), dtype=bool)
+    free = np.zeros_like(present)
+    for g, rows in enumerate(groups):
+        found = np.unique(codes[rows])
+        present[g, found] = True
+        free[g, found[1:] if found.size == 2 else found] = True
     return present, free
 
 
-def _solve(Xa: torch.Tensor, codes: np.ndarray, rows_list: list[np.ndarray], cs: list[float], n_classes: int,
-           *, gtol: float, max_iter: int, x0: torch.Tensor | None = None
+def _solve(X: torch.Tensor, codes: np.ndarray, groups: list[np.ndarray], problems: list[tuple[int, float]],
+           n_classes: int, *, gtol: float, max_iter: int, x0: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-    """Fit problem b on the rows ``rows_list[b]`` with ``cs[b]``, from ``x0`` (B, p+1, K) or zero.
+    """Fit each problem ``(g, C)`` of ``problems`` on the rows ``groups[g]`` of ``X`` (n, p), from ``x0``
+    (B, p+1, K; ``[W; b]`` on ``X``) or zero.
 
-    A float64 ``Xa`` is solved in two phases: float32 until the gradient max-norm is <= max(``gtol``,
-    ``FLOAT32_GTOL``), float32 rounding stops the line search or ``FLOAT32_MAX_ITER`` iterations have run
-    (half the cost per iteration, and most of the iterations), then float64 from there to ``gtol``. Both
-    phases share one preconditioner. Returns the parameters, the final gradient max-norms,
-    the iterations of both phases together (each phase at most ``max_iter``) and the present classes."""
-    dev, dt = Xa.device, Xa.dtype
-    n = Xa.shape[0]
-    B = len(rows_list)
-    present, free = _problem_masks(codes, rows_list, n_classes)
-    codes_t, present_t = torch.as_tensor(codes, device=dev), torch.as_tensor(present, device=dev)
+    A float64 ``X`` is solved in two phases sharing one preconditioner and the L-BFGS memory: float32 (half
+    the cost per iteration) until the gradient max-norm is <= max(``gtol``, ``FLOAT32_GTOL``), the line search
+    fails in float32 rounding or ``FLOAT32_MAX_ITER`` iterations have run; then float64, which checks the
+    tolerance and goes on where float32 fell short. Returns ``[W; b]`` (B, p+1, K) on ``X``, the final
+    gradient max-norms, the iterations of both phases together and the present classes (B, K)."""
+    dev, dt = X.device, X.dtype
+    B = len(problems)
+    group = np.array([g for g, _ in problems])
+    present, free = (m[group] for m in _class_masks(codes, groups, n_classes))
+    codes_t = torch.as_tensor(codes, device=dev)
+    whitened = [_WhitenedGroup.of(X[r], codes_t[r]) for r in (torch.as_tensor(r, device=dev) for r in groups)]
+    group_t, free_t = torch.as_tensor(group, device=dev), torch.as_tensor(free, device=dev)
+    lam = torch.tensor([1.0 / (c * groups[g].size) for g, c in problems], dtype=dt, device=dev)
 
     def batch(dtype: torch.dtype) -> _LogisticBatch:
-        weight = torch.zeros(n, B, dtype=dtype, device=dev)
-        lam = torch.zeros(B, dtype=dtype, device=dev)
-        for b, (rows, c) in enumerate(zip(rows_list, cs)):
-            weight[torch.as_tensor(rows, device=dev), b] = 1.0 / rows.size
-            lam[b] = 1.0 / (c * rows.size)
-        return _LogisticBatch(Xa.to(dtype), codes_t, weight, lam, present_t,
-                              torch.as_tensor(free, device=dev).to(dtype))
+        return _LogisticBatch(whitened, group_t, lam, free_t, n_classes, dtype)
 
-    shape = (Xa.shape[1], n_classes)
-    theta = None if x0 is None else x0 * torch.as_tensor(free, device=dev).to(x0.dtype)[:, None, :]
+    shape = (X.shape[1] + 1, n_classes)
+    theta = None
+    if x0 is not None:
+        theta = torch.cat([whitened[g].to_whitened(x0[b:b + 1].to(dt)) for b, g in enumerate(group)])
+        theta = theta * free_t.to(dt)[:, None, :]
     iters = np.zeros(B, dtype=np.int64)
     final = batch(dt)
-    h_inv = final.inverse_curvature(n_classes)
+    h_inv = final.initial_inverse_hessian(n_classes)
+    memory = None
     if dt == torch.float64:
-        theta, _, iters = _batched_lbfgs(batch(torch.float32), B, shape, gtol=max(gtol, FLOAT32_GTOL),
-                                         max_iter=min(max_iter, FLOAT32_MAX_ITER), h_inv=h_inv.float(), x0=theta)
-    theta, gmax, polish = _batched_lbfgs(final, B, shape, gtol=gtol, max_iter=max_iter, h_inv=h_inv, x0=theta)
+        theta, _, iters, memory = _batched_lbfgs(
+            batch(torch.float32), B, shape, gtol=max(gtol, FLOAT32_GTOL), max_iter=min(max_iter, FLOAT32_MAX_ITER),
+            h_inv=h_inv.float(), x0=theta)
+    theta, gmax, polish, _ = _batched_lbfgs(final, B, shape, gtol=gtol, max_iter=max_iter, h_inv=h_inv, x0=theta,
+                                            memory=memory)
+    theta = torch.cat([whitened[g].to_original(theta[b:b + 1]) for b, g in enumerate(group)])
     return theta, gmax, iters + polish, present
 
 
@@ -264,7 +364,7 @@ def fast_logistic_search(
     max_iter: int = LOGISTIC_MAX_ITER,
 ) -> LogisticSearch:
     """Grid search of multinomial logistic regression over ``cs`` by the mean balanced accuracy over
-    ``folds`` (test rows per fold), then a refit on all rows with the chosen C.
+    ``folds`` (test rows per fold), the chosen C fitted on all rows.
 
     ``X`` (n, p) float64 on the device; ``labels`` (n,) any sortable labels (at least two distinct).
     A fold whose training rows hold one class only scores NaN (scikit-learn cannot fit it either).
@@ -273,44 +373,29 @@ def fast_logistic_search(
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.reshape(-1)
     K = classes.size
-    # Centred features: an exact reparametrisation, as the intercept is unpenalised (logits X W + b equal
-    # (X - mean) W + b' with b' = b + mean W). A common offset of the features (an encoder's unnormalised
-    # outputs) otherwise makes the fits so ill-conditioned that L-BFGS needs thousands of iterations.
-    mean = X.mean(dim=0)
-    Xa = torch.cat([X - mean, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
+    # every C on every row first: the chosen C's refit, and a start for each fold's fits
+    full, gmax, iters, _ = _solve(X, codes, [np.arange(n)], [(0, float(c)) for c in cs], K, gtol=gtol,
+                                  max_iter=max_iter)
+    gmax_all, iters_all = gmax.tolist(), iters.tolist()
     fold_train = [complement_indices(n, test) for test in folds]
-    fittable = [np.unique(codes[tr]).size >= 2 for tr in fold_train]
-    rows_list, c_list, where = [], [], []
-    for f, tr in enumerate(fold_train):
-        if not fittable[f]:
-            continue
-        for j, c in enumerate(cs):
-            rows_list.append(tr)
-            c_list.append(float(c))
-            where.append((f, j))
+    fitted = [f for f, tr in enumerate(fold_train) if np.unique(codes[tr]).size >= 2]
     scores = np.full((len(folds), len(cs)), np.nan)
-    gmax_all: list[float] = []
-    iters_all: list[int] = []
-    if rows_list:
-        theta, gmax, iters, present = _solve(Xa, codes, rows_list, c_list, K, gtol=gtol, max_iter=max_iter)
+    if fitted:
+        problems = [(i, float(c)) for i in range(len(fitted)) for c in cs]
+        theta, gmax, iters, present = _solve(X, codes, [fold_train[f] for f in fitted], problems, K, gtol=gtol,
+                                             max_iter=max_iter, x0=full.repeat(len(fitted), 1, 1))
         gmax_all += gmax.tolist()
         iters_all += iters.tolist()
-        for b, (f, j) in enumerate(where):
-            test = folds[f]
-            z = (Xa[torch.as_tensor(test, device=X.device)] @ theta[b]).cpu().numpy()
+        for b in range(len(problems)):
+            f, j = fitted[b // len(cs)], b % len(cs)
+            test = torch.as_tensor(folds[f], device=X.device)
+            z = (X[test] @ theta[b, :p] + theta[b, p]).cpu().numpy()
             z[:, ~present[b]] = -np.inf
-            scores[f, j] = balanced_accuracy_codes(codes[test], np.argmax(z, axis=1))
+            scores[f, j] = balanced_accuracy_codes(codes[folds[f]], np.argmax(z, axis=1))
     mean_scores = np.mean(scores, axis=0)
     best = best_index(mean_scores)
-    warm = None
-    if rows_list:  # the refit starts from the mean of the chosen C's fold solutions: about half the iterations
-        warm = theta[[b for b, (_, j) in enumerate(where) if j == best]].mean(dim=0, keepdim=True)
-    theta, gmax, iters, present = _solve(Xa, codes, [np.arange(n)], [float(cs[best])], K, gtol=gtol,
-                                         max_iter=max_iter, x0=warm)
-    gmax_all += gmax.tolist()
-    iters_all += iters.tolist()
-    w = theta[0].cpu().numpy()  # (p+1, K), for the centred features
-    w[p] -= mean.cpu().numpy() @ w[:p]  # b = b' - mean W
+    theta = full[best:best + 1]
+    w = theta[0].cpu().numpy()  # (p+1, K)
     if K == 2:
         coef, intercept = w[:p, 1:2].T, w[p, 1:2]
     else:
