@@ -1,19 +1,23 @@
 """The ``fast`` site probe: multinomial logistic regression with scikit-learn's objective, all fold × C fits
-batched into one problem on the features' device.
+batched on the features' device.
 
 Objective per fit: ``C · Σ cross-entropy + ½‖W‖²`` (intercept unpenalised; binomial with one coefficient row
 when a fit sees two classes, as scikit-learn does), solved on the per-row-mean scale (``mean CE + ‖W‖² /
-(2 C n)``, the same minimiser). The same folds as the exact protocol, balanced accuracy to choose C (NaN
-last, ties to the smaller C), then the chosen C refit on every row, starting from the mean of its fold
-solutions. The solver, a batched L-BFGS (per-problem history, Armijo backtracking):
+(2 C n)``, the same minimiser). The search: every C fitted on every row (the chosen C's model), then each
+fold's fits started from those, on the same folds as the exact protocol; balanced accuracy chooses C (NaN
+last, ties to the smaller C). The solver, a batched L-BFGS (per-problem history and line search):
 
 - converged when the gradient's max-norm is <= ``LOGISTIC_GTOL`` (the quantity scikit-learn's ``lbfgs``
-  tests against ``tol``), or stopped after ``max_iter`` iterations or when its line search can no longer
-  decrease the objective (flat to rounding);
-- on centred features, an exact reparametrisation (the intercept is unpenalised: ``b = b' - mean W``);
-- preconditioned: its initial inverse Hessian is the inverse of the feature Gram matrix at uniform class
-  probabilities (:meth:`_LogisticBatch.inverse_curvature`), which an encoder's collinear features need;
-- float32 first (half the cost per iteration), polished in float64 to the same tolerance.
+  tests against ``tol``, here on centred features), or stopped after ``max_iter`` iterations or when its
+  line search can no longer decrease the objective (flat to rounding);
+- each row group (a fold's training rows, or all rows) in whitened coordinates (:class:`_WhitenedGroup`):
+  an exact change of variables under which the features are uncorrelated with unit variance, as an
+  encoder's nearly collinear, offset features are not; held-out rows are not computed at all;
+- preconditioned by a Kronecker-factored Hessian refreshed from the current class probabilities
+  (:meth:`_LogisticBatch.refresh_preconditioner`): weakly regularised fits on well-separated sites, where
+  the curvature is far from its value at the start, converge in a fraction of the iterations;
+- float32 first (half the cost per iteration), with a line search that accepts steps by their slope when
+  the objective's decrease is lost in rounding, then float64 to check the tolerance and finish.
 
 docs/probes.md has the measurements (bench/probes.py). Nothing here imports scikit-learn.
 """
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from brainage_core.evaluation.batched_lbfgs import batched_lbfgs
 from brainage_core.evaluation.fast_probes import (
     LinearClassifier,
     balanced_accuracy_codes,
@@ -36,19 +41,16 @@ from brainage_core.evaluation.fast_probes import (
 #: Convergence of the logistic fits: max |gradient| of (mean cross-entropy + ||W||² / (2 C n)).
 LOGISTIC_GTOL = 1e-6
 LOGISTIC_MAX_ITER = 2000
-LBFGS_HISTORY = 10
-#: The float32 phase of a float64 fit stops at this gradient max-norm (float32 rounding often stops it
-#: between 1e-5 and 1e-6 anyway) or after this many iterations: on nearly separable sites with large
-#: features an unbounded float32 phase crept on for its whole ``max_iter`` (bench/probes.py --scale 50)
-FLOAT32_GTOL = 1e-6
-#: The line search: Armijo's sufficient decrease, else (the decrease lost in rounding) the approximate Wolfe
-#: conditions of Hager & Zhang (SIAM J. Optim. 16, 2005): f(a) <= f(0) + eps |f(0)| and
-#: sigma f'(0) <= f'(a) <= (2 delta - 1) f'(0)
-ARMIJO = 1e-4
-APPROX_WOLFE_EPS = 1e-6
-WOLFE_DELTA = 0.1
-WOLFE_SIGMA = 0.9
+#: The float32 phase of a float64 fit hands over to float64 after this many iterations, or once its
+#: gradient max-norm has made no new low for ``FLOAT32_PATIENCE`` iterations: float32 rounding of the
+#: gradient (amplified by the features' scale) can keep it above the tolerance for good
 FLOAT32_MAX_ITER = 300
+FLOAT32_PATIENCE = 20
+#: The preconditioner's class curvature eigenvalues are floored at ``CURVATURE_FLOOR / K`` (1/K: their value at
+#: uniform probabilities): on nearly separable sites the probabilities saturate, the mean curvature
+#: underestimates that of the rows near a boundary, and unfloored steps overshoot (measured: 2.4x the time
+#: on bench/probes.py's ``--site-strength 2 --scale 50`` set; floors of 0.003-0.03 all alike)
+CURVATURE_FLOOR = 0.01
 
 
 @dataclass
@@ -124,11 +126,35 @@ class _LogisticBatch:
         #: (G, p+1, 1) the penalty's weight per parameter row (0: the intercept)
         self.penal = torch.stack([torch.cat([g.inv_var, g.inv_var.new_zeros(1)]) for g in groups])[:, :, None].to(dtype)
         self.to_wt = torch.stack([g.to_wt for g in groups]).to(dtype)
+        B = len(group)
+        #: set: :meth:`value_grad` records each problem's class curvature ``mean_i(diag p_i - p_i p_iᵀ)`` (K, K)
+        self.record_curvature = True
+        self.class_curvature = torch.zeros(B, n_classes, n_classes, dtype=dtype, device=self.device)
+        self.eigvec = torch.eye(n_classes, dtype=dtype, device=self.device).repeat(B, 1, 1)
+        self.denominator = torch.ones(B, self.Za[0].shape[1], n_classes, dtype=dtype, device=self.device)
 
-    def initial_inverse_hessian(self, n_classes: int) -> torch.Tensor:
-        """(B, p+1, 1): the inverse of each problem's Hessian diagonal at uniform class probabilities (data
-        curvature ~1/K per row and unit variance in whitened coordinates, plus the penalty), L-BFGS's H0."""
-        return 1.0 / (1.0 / n_classes + self.lam[:, None, None] * self.penal[self.group])
+    def refresh_preconditioner(self, idx: torch.Tensor) -> None:
+        """Factor the preconditioner of the problems ``idx`` (b,) anew from their recorded class curvature A.
+
+        The Hessian of a problem in whitened coordinates (rows of identity covariance) is approximated by
+        ``I ⊗ A + diag(lam · inv_var) ⊗ I``, exact if the rows' features and class probabilities were
+        independent (the Kronecker factorisation of K-FAC: Martens & Grosse, ICML 2015); with ``A = U Λ Uᵀ``
+        its inverse is ``U`` per row, a division by ``Λ_k + lam inv_var_j``, and ``Uᵀ``. ``A`` is singular
+        (logits shifted alike change nothing) and underestimates the curvature near saturation, hence a floor
+        on ``Λ``."""
+        A = self.class_curvature[idx] + torch.diag_embed(1.0 - self.free[idx])  # classes without parameters: apart
+        eigval, self.eigvec[idx] = torch.linalg.eigh(A)
+        floor = CURVATURE_FLOOR / A.shape[1]
+        penalty = self.lam[idx, None, None] * self.penal[self.group[idx]]  # (b, p+1, 1)
+        self.denominator[idx] = eigval.clamp_min(floor)[:, None, :] + penalty
+
+    def precondition(self, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """L-BFGS's initial inverse Hessian times ``v`` (b, p+1, K) for the problems ``idx`` (b,)."""
+        if idx.numel() == self.eigvec.shape[0]:  # every problem: no copies
+            U, denominator, free = self.eigvec, self.denominator, self.free
+        else:
+            U, denominator, free = self.eigvec[idx], self.denominator[idx], self.free[idx]
+        return ((v @ U) / denominator) @ U.transpose(1, 2) * free[:, None, :]
 
     def gradient_max_norm(self, grad: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(b,): the max-norm of the gradient (b, p+1, K) on the original (centred) features' scale, the
@@ -162,129 +188,12 @@ class _LogisticBatch:
         lam, penal = self.lam[idx], self.penal[g]
         value = ce + 0.5 * lam * (theta * theta * penal).sum(dim=(1, 2))
         prob = logp.exp_()
+        if self.record_curvature:
+            pt = prob.permute(1, 2, 0)  # (b, K, n_g)
+            self.class_curvature[idx] = torch.diag_embed(pt.mean(dim=2)) - torch.bmm(pt, pt.transpose(1, 2)) / n_g
         grad = (self.ZaT[g] @ prob.view(n_g, b * k)).view(q, b, k).permute(1, 0, 2)
         grad = (grad - self.label_sums[g]) / n_g + lam[:, None, None] * theta * penal
         return value, grad * self.free[idx, None, :]
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products (B,) of two (B, D) tensors."""
-    return (a * b).sum(dim=1)
-
-
-@dataclass
-class _LbfgsMemory:
-    """The curvature pairs of a batched L-BFGS run, handed from its float32 phase to its float64 polish
-    (a polish that starts with an empty memory spends its first iterations relearning the curvature)."""
-
-    S: torch.Tensor  # (history, B, D) steps
-    Y: torch.Tensor  # (history, B, D) gradient changes
-    rho: torch.Tensor  # (history, B) 1 / sᵀy; 0 marks an empty or skipped pair (a no-op in the recursion)
-    gamma: torch.Tensor  # (B,) scale of the initial inverse Hessian
-    count: int  # pairs written so far (the ring's next slot is count % history)
-
-    @classmethod
-    def empty(cls, history: int, B: int, D: int, dtype: torch.dtype, device: torch.device) -> _LbfgsMemory:
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-        return cls(zeros(history, B, D), zeros(history, B, D), zeros(history, B),
-                   torch.ones(B, dtype=dtype, device=device), 0)
-
-    def to(self, dtype: torch.dtype) -> _LbfgsMemory:
-        return _LbfgsMemory(self.S.to(dtype), self.Y.to(dtype), self.rho.to(dtype), self.gamma.to(dtype), self.count)
-
-
-def _batched_lbfgs(batch: _LogisticBatch, n_problems: int, shape: tuple[int, int], *, gtol: float,
-                   max_iter: int, h_inv: torch.Tensor, history: int = LBFGS_HISTORY,
-                   x0: torch.Tensor | None = None, memory: _LbfgsMemory | None = None,
-                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, _LbfgsMemory]:
-    """Minimise every problem of ``batch`` from ``x0`` (B, p+1, K) or zero, with ``h_inv`` (B, p+1, 1;
-    :meth:`_LogisticBatch.initial_inverse_hessian`, scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0
-    and the curvature pairs of ``memory`` (a previous run's, else none). Returns parameters (B, p+1, K), the
-    final gradient max-norms (B,), the iterations used (B,) and the memory. A problem stops once its gradient
-    max-norm is <= ``gtol`` (or after ``max_iter`` iterations, or when its line search can no longer decrease
-    the objective: flat to rounding). The objective and gradient are evaluated for the active problems only;
-    the L-BFGS bookkeeping (cheap next to them) runs on the whole batch."""
-    dev, dt = batch.device, batch.dtype
-    B = n_problems
-    D = shape[0] * shape[1]
-    x = torch.zeros(B, D, dtype=dt, device=dev) if x0 is None else x0.reshape(B, D).to(dt).clone()
-    f, g = batch.value_grad(x.view(B, *shape), torch.arange(B, device=dev))
-    g = g.reshape(B, D)
-    mem = _LbfgsMemory.empty(history, B, D, dt, dev) if memory is None else memory.to(dt)
-    S, Y, rho, gamma, done = mem.S, mem.Y, mem.rho, mem.gamma, mem.count
-
-    def precondition(v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        m = h_inv if rows is None or rows.numel() == h_inv.shape[0] else h_inv[rows]  # no copy when all active
-        return (m * v.view(-1, *shape)).reshape(v.shape)
-    iters = np.zeros(B, dtype=np.int64)
-    gmax = batch.gradient_max_norm(g.view(B, *shape), torch.arange(B, device=dev))
-    active = gmax > gtol
-    for it in range(max_iter):
-        idx = torch.nonzero(active).flatten()
-        if idx.numel() == 0:
-            break
-        # two-loop recursion over the stored pairs, newest first
-        q = -g
-        k = done + it
-        slots = [(k - 1 - j) % history for j in range(min(k, history))]
-        coeffs = []
-        for sl in slots:
-            a = rho[sl] * _dot(S[sl], q)
-            q = torch.addcmul(q, Y[sl], a[:, None], value=-1.0)
-            coeffs.append(a)
-        d = precondition(q) * gamma[:, None]
-        for sl, a in zip(reversed(slots), reversed(coeffs)):
-            beta = rho[sl] * _dot(Y[sl], d)
-            d = torch.addcmul(d, S[sl], (a - beta)[:, None])
-        gd = _dot(g, d)
-        bad = gd >= 0  # not a descent direction (rounding): steepest descent instead
-        d = torch.where(bad[:, None], -g, d)
-        gd = torch.where(bad, -_dot(g, g), gd)
-        step = torch.ones(idx.numel(), dtype=dt, device=dev)
-        x0, f0, g0, d_a, gd_a = x[idx], f[idx], g[idx], d[idx], gd[idx]
-        x_new, f_new, g_new = x0.clone(), f0.clone(), g0.clone()
-        pending = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
-        for _ in range(60):  # Armijo backtracking, per problem
-            pidx = torch.nonzero(pending).flatten()
-            if pidx.numel() == 0:
-                break
-            trial = torch.addcmul(x0[pidx], d_a[pidx], step[pidx, None])
-            ft, gt = batch.value_grad(trial.view(-1, *shape), idx[pidx])
-            gt = gt.reshape(-1, D)
-            f0p, gdp = f0[pidx], gd_a[pidx]
-            ok = ft <= f0p + ARMIJO * step[pidx] * gdp
-            # near the optimum the decrease falls below the objective's rounding (float32 stops ~1e-5 short of
-            # the tolerance on Armijo alone): there accept a step whose slope satisfies Hager and Zhang's
-            # approximate Wolfe conditions, slopes being accurate where objective differences are not
-            slope = _dot(gt, d_a[pidx])
-            ok |= ((ft <= f0p + APPROX_WOLFE_EPS * f0p.abs()) & (slope >= WOLFE_SIGMA * gdp)
-                   & (slope <= (2.0 * WOLFE_DELTA - 1.0) * gdp))
-            okp = pidx[ok]
-            x_new[okp], f_new[okp], g_new[okp] = trial[ok], ft[ok], gt[ok]
-            pending[okp] = False
-            step[pidx[~ok]] *= 0.5
-        s_vec, y_vec = x_new - x0, g_new - g0
-        sy = _dot(s_vec, y_vec)
-        yy = _dot(y_vec, y_vec)
-        good = (sy > 1e-12 * torch.sqrt(yy * _dot(s_vec, s_vec))) & ~pending
-        slot = k % history
-        S[slot].zero_()
-        Y[slot].zero_()
-        rho[slot].zero_()
-        S[slot, idx], Y[slot, idx] = s_vec, y_vec
-        one = torch.ones_like(sy)
-        rho[slot, idx] = torch.where(good, 1.0 / torch.where(good, sy, one), torch.zeros_like(sy))
-        ypy = _dot(precondition(y_vec, idx), y_vec)
-        gamma[idx] = torch.where(good, sy / torch.where(good, ypy, one), gamma[idx])
-        x[idx], f[idx], g[idx] = x_new, f_new, g_new
-        iters[idx.cpu().numpy()] += 1
-        gmax[idx] = batch.gradient_max_norm(g_new.view(-1, *shape), idx)
-        still = torch.zeros(B, dtype=torch.bool, device=dev)
-        still[idx] = ~pending  # a failed line search: flat to rounding, the problem stops
-        active = (gmax > gtol) & still
-    mem.count = done + int(iters.max(initial=0))
-    return x.view(B, *shape), gmax.cpu().numpy(), iters, mem
 
 
 @dataclass
@@ -318,10 +227,10 @@ def _solve(X: torch.Tensor, codes: np.ndarray, groups: list[np.ndarray], problem
     """Fit each problem ``(g, C)`` of ``problems`` on the rows ``groups[g]`` of ``X`` (n, p), from ``x0``
     (B, p+1, K; ``[W; b]`` on ``X``) or zero.
 
-    A float64 ``X`` is solved in two phases sharing one preconditioner and the L-BFGS memory: float32 (half
-    the cost per iteration) until the gradient max-norm is <= max(``gtol``, ``FLOAT32_GTOL``), the line search
-    fails in float32 rounding or ``FLOAT32_MAX_ITER`` iterations have run; then float64, which checks the
-    tolerance and goes on where float32 fell short. Returns ``[W; b]`` (B, p+1, K) on ``X``, the final
+    A float64 ``X`` is solved in two phases: float32 (half the cost per iteration)
+    until the gradient max-norm is <= ``gtol``, float32 rounding stops it (line search, ``FLOAT32_PATIENCE``)
+    or ``FLOAT32_MAX_ITER`` iterations have run; then float64, which checks the tolerance and goes on where
+    float32 fell short. Returns ``[W; b]`` (B, p+1, K) on ``X``, the final
     gradient max-norms, the iterations of both phases together and the present classes (B, K)."""
     dev, dt = X.device, X.dtype
     B = len(problems)
@@ -341,15 +250,10 @@ def _solve(X: torch.Tensor, codes: np.ndarray, groups: list[np.ndarray], problem
         theta = torch.cat([whitened[g].to_whitened(x0[b:b + 1].to(dt)) for b, g in enumerate(group)])
         theta = theta * free_t.to(dt)[:, None, :]
     iters = np.zeros(B, dtype=np.int64)
-    final = batch(dt)
-    h_inv = final.initial_inverse_hessian(n_classes)
-    memory = None
     if dt == torch.float64:
-        theta, _, iters, memory = _batched_lbfgs(
-            batch(torch.float32), B, shape, gtol=max(gtol, FLOAT32_GTOL), max_iter=min(max_iter, FLOAT32_MAX_ITER),
-            h_inv=h_inv.float(), x0=theta)
-    theta, gmax, polish, _ = _batched_lbfgs(final, B, shape, gtol=gtol, max_iter=max_iter, h_inv=h_inv, x0=theta,
-                                            memory=memory)
+        theta, _, iters = batched_lbfgs(batch(torch.float32), B, shape, gtol=gtol, x0=theta,
+                                         max_iter=min(max_iter, FLOAT32_MAX_ITER), patience=FLOAT32_PATIENCE)
+    theta, gmax, polish = batched_lbfgs(batch(dt), B, shape, gtol=gtol, max_iter=max_iter, x0=theta)
     theta = torch.cat([whitened[g].to_original(theta[b:b + 1]) for b, g in enumerate(group)])
     return theta, gmax, iters + polish, present
 
