@@ -5,7 +5,9 @@ held out as an external test part; ``n`` training subjects over the other 58 (at
 log-normal), an internal test part of 362 subjects from the training sites and an external one of 395
 from the 6 held-out sites (the sizes of OpenBHB's public test splits). Each row: site centre + a
 non-linear function of age along a few directions + noise, L2-normalised (a contrastive projection), then
-scaled to norm ``--scale`` (default 1).
+scaled to norm ``--scale`` (default 1). ``--collinear D`` then mixes the features by a random matrix whose
+column scales fall over D decades, times 20, plus a random common offset: an encoder's unnormalised, nearly
+collinear outputs (D = 4: feature-covariance eigenvalues spanning ~14 decades), the ill-conditioned case.
 
 For each ``n`` x ``p`` asked for (``--sizes``), on the CPU (and on CUDA when available, fast only):
 
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +51,8 @@ N_INTERNAL = 362
 N_EXTERNAL = 395
 
 
-def make_features(n: int, p: int, *, site_strength: float = 0.6, scale: float = 1.0, seed: int = 0) -> dict[str, Any]:
+def make_features(n: int, p: int, *, site_strength: float = 0.6, scale: float = 1.0, collinear: float = 0.0,
+                  seed: int = 0) -> dict[str, Any]:
     """Features (float32) and labels of the train / internal / external parts (see the module docstring)."""
     rng = np.random.default_rng(seed)
     train_sites = N_SITES - N_EXTERNAL_SITES
@@ -68,6 +72,9 @@ def make_features(n: int, p: int, *, site_strength: float = 0.6, scale: float = 
         + np.stack([np.tanh(z), z**2 / 4, np.sin(z)], axis=1) @ directions * 3.0
     )
     X *= scale / np.linalg.norm(X, axis=1, keepdims=True)
+    if collinear:
+        mix = np.random.default_rng(seed + 1).normal(size=(p, p)) * np.logspace(0, -collinear, p)[None, :]
+        X = X @ mix.T * 20.0 + 5.0 * np.random.default_rng(seed + 2).normal(size=p)
     X = X.astype(np.float32)
     # the internal test part: N_INTERNAL subjects of the training sites, each site keeping >= 5 in training
     order = rng.permutation(site.size)
@@ -179,6 +186,11 @@ def machine_info(threads: int) -> dict[str, Any]:
         "sklearn": sklearn.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                            cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
     return info
 
 
@@ -195,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="norm of every feature row (default 1, unit rows); large values (e.g. 50) with a "
                              "strong site structure give the nearly separable, weakly regularised fits of an "
                              "unnormalised encoder's features, the hard case of the logistic solver")
+    parser.add_argument("--collinear", type=float, default=0.0,
+                        help="decades over which the features' mixing scales fall, with an offset (default 0: "
+                             "none); 4 gives the ill-conditioned features of an unnormalised encoder")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/measurements/probes.json"))
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -230,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     for strength in args.site_strength:
         for s in sizes:
             n, p = (int(v) for v in s.lower().split("x"))
-            data = make_features(n, p, site_strength=strength, scale=args.scale)
+            data = make_features(n, p, site_strength=strength, scale=args.scale, collinear=args.collinear)
             n_train_sites = int(np.unique(data["sites"][data["train"]]).size)
             entry: dict[str, Any] = {"n": int(data["train"].size), "p": p, "sites": n_train_sites,
-                                     "site_strength": strength, "scale": args.scale}
+                                     "site_strength": strength, "scale": args.scale, "collinear": args.collinear}
             results = {}
             for device in devices:
                 results[f"fast_{device}"] = run_protocol(data, "fast", device if device != "cpu" else None)
