@@ -13,6 +13,12 @@ evaluation (feature extraction included, so the difference is the probes'); acro
 |Δ BAcc| (``val_bacc``, ``test_bacc``) and the Spearman rank correlation of ``val_lc`` (and of
 ``val_mae_ext``, the search objective) between the protocols. Writes JSON with the machine and command.
 
+``--converged``: also, per trial, the site probe alone on its training features (captured from the fast
+evaluation): each protocol's fit time, chosen C and CV BAcc, and scikit-learn's ``lbfgs`` run to convergence
+(``max_iter`` 20,000, ``tol`` 1e-8) under the same grid search, with each protocol's max |coefficient
+difference| to it (where it chose the same C), plus the features' row norm and the spread of their
+covariance eigenvalues (decades): which protocol finds the optimum on an encoder's real features.
+
 Run: ``python bench/probes_study.py STUDY_DIR --out docs/measurements/probes_study.json``.
 """
 
@@ -46,7 +52,7 @@ def last_checkpoints(study_dir: Path) -> list[dict[str, Any]]:
             for r in last.itertuples()]
 
 
-def evaluate_both(checkpoint: str) -> dict[str, Any]:
+def evaluate_both(checkpoint: str, protocols: tuple[str, ...] = ("exact", "fast")) -> dict[str, Any]:
     """The checkpoint's model evaluated with each protocol by the trial's own evaluator."""
     from brainage_core.config import config_from_dict
     from brainage_core.data.sources import resolve_store
@@ -60,11 +66,55 @@ def evaluate_both(checkpoint: str) -> dict[str, Any]:
     evaluator = Evaluator(store, cfg.evaluation, train_on=cfg.training.train_on, seed=cfg.training.seed)
     load_estimators()
     out: dict[str, Any] = {}
-    for protocol in ("exact", "fast"):
+    for protocol in protocols:
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = evaluator.evaluate(model, "cpu", protocol=protocol)
         out[protocol] = {"metrics": {k: float(metrics[k]) for k in COMPARED if k in metrics},
                          "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    return out
+
+
+def converged_site_probe(checkpoint: str) -> dict[str, Any]:
+    """The site probe on the checkpoint's training features: exact, fast and scikit-learn converged."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    import brainage_core.evaluation.evaluator as evaluator_module
+    from brainage_core.evaluation import SITE_CS, fit_site_probe
+
+    captured: dict[str, np.ndarray] = {}
+
+    def capture(X: Any, sites: Any, **kwargs: Any) -> Any:
+        captured["X"] = np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
+        captured["sites"] = np.asarray(sites)
+        return fit_site_probe(X, sites, **kwargs)
+
+    evaluator_module.fit_site_probe = capture
+    try:
+        evaluate_both(checkpoint, protocols=("fast",))
+    finally:
+        evaluator_module.fit_site_probe = fit_site_probe
+    X, sites = captured["X"], captured["sites"]
+    eig = np.linalg.eigvalsh(np.cov(X.T))
+    out: dict[str, Any] = {"rows": X.shape[0], "features": X.shape[1], "sites": int(np.unique(sites).size),
+                           "mean_row_norm": float(np.linalg.norm(X, axis=1).mean()),
+                           "covariance_eigenvalue_decades": float(np.log10(eig.max() / max(eig.min(), 1e-300)))}
+    coefs = {}
+    for protocol in ("exact", "fast"):
+        cpu = time.process_time()
+        probe = fit_site_probe(X, sites, protocol=protocol)
+        out[protocol] = {"cpu_s": time.process_time() - cpu, "C": probe.param["C"], "cv_bacc": probe.cv_score}
+        coefs[protocol] = probe.estimator.coef_
+    cpu = time.process_time()
+    search = GridSearchCV(LogisticRegression(solver="lbfgs", max_iter=20_000, tol=1e-8), {"C": list(SITE_CS)},
+                          cv=StratifiedKFold(5), scoring="balanced_accuracy").fit(X, sites)
+    ref = search.best_estimator_.coef_
+    out["converged"] = {"cpu_s": time.process_time() - cpu, "C": search.best_params_["C"],
+                        "cv_bacc": search.best_score_, "cv_bacc_per_C": search.cv_results_["mean_test_score"].tolist(),
+                        "max_abs_coef": float(np.abs(ref).max())}
+    for protocol in ("exact", "fast"):
+        same = out[protocol]["C"] == out["converged"]["C"] and coefs[protocol].shape == ref.shape
+        out[protocol]["max_coef_diff"] = float(np.abs(coefs[protocol] - ref).max()) if same else None
     return out
 
 
@@ -79,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study_dir", type=Path, help="a finished study folder (results.parquet, checkpoints)")
     parser.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "measurements" / "probes_study.json")
+    parser.add_argument("--converged", action="store_true",
+                        help="also fit the site probe alone, and scikit-learn's converged lbfgs, per trial")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     trials = last_checkpoints(args.study_dir)
@@ -90,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         trial.update(evaluate_both(trial["checkpoint"]))
         print(f"[probes-study] {i}/{len(trials)} trial {trial['trial_id']}: exact {trial['exact']['cpu_s']:.1f} "
               f"CPU s, fast {trial['fast']['cpu_s']:.1f} CPU s", flush=True)
+        if args.converged:
+            c = trial["site_probe"] = converged_site_probe(trial["checkpoint"])
+            print(f"[probes-study]   site probe: exact C {c['exact']['C']:g} CV BAcc {c['exact']['cv_bacc']:.4f} "
+                  f"({c['exact']['cpu_s']:.1f} s), fast C {c['fast']['C']:g} {c['fast']['cv_bacc']:.4f} "
+                  f"({c['fast']['cpu_s']:.1f} s), converged C {c['converged']['C']:g} {c['converged']['cv_bacc']:.4f} "
+                  f"({c['converged']['cpu_s']:.1f} s)", flush=True)
     summary: dict[str, Any] = {}
     for key in COMPARED:
         pairs = [(t["exact"]["metrics"].get(key), t["fast"]["metrics"].get(key)) for t in trials]

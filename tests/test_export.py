@@ -306,13 +306,14 @@ def test_zscore_crop_model_is_exported_with_its_input_transform(world, augmented
 
 
 def test_probes_study_bench_compares_the_protocols_on_real_checkpoints(world, tmp_path):
-    """bench/probes_study.py (docs/probes.md, part b) on the trained study: both protocols per trial, and the
-    fast age probe giving the exact protocol's MAEs (the same Ridge, computed in closed form)."""
+    """bench/probes_study.py (docs/probes.md, part b) on the trained study: both protocols per trial, the
+    fast age probe giving the exact protocol's MAEs (the same Ridge, computed in closed form), and with
+    ``--converged`` the fast site probe at scikit-learn's converged optimum on the encoder's features."""
     sys.path.insert(0, str(REPO))
     from bench.probes_study import main as probes_study
 
     out = tmp_path / "probes_study.json"
-    assert probes_study([str(world["study"]), "--out", str(out)]) == 0
+    assert probes_study([str(world["study"]), "--converged", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["trials"] == 2 and len(report["per_trial"]) == 2
     for trial in report["per_trial"]:
@@ -321,3 +322,8 @@ def test_probes_study_bench_compares_the_protocols_on_real_checkpoints(world, tm
     for key in ("val_mae_int", "val_mae_ext", "test_mae_int", "test_mae_ext"):
         assert report["summary"][key]["max_abs_diff"] < 1e-4, (key, report["summary"][key])
     assert 0 <= report["summary"]["val_bacc"]["max_abs_diff"] <= 1
+    for trial in report["per_trial"]:
+        site, want = trial["site_probe"], trial["site_probe"]["converged"]
+        assert site["rows"] > 0 and site["features"] > 0 and set(site) >= {"exact", "fast", "converged"}
+        assert site["fast"]["C"] == want["C"] and site["fast"]["cv_bacc"] == pytest.approx(want["cv_bacc"], abs=1e-9)
+        assert site["fast"]["max_coef_diff"] <= 1e-2 * max(1.0, want["max_abs_coef"]), site
