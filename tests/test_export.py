@@ -325,5 +325,7 @@ def test_probes_study_bench_compares_the_protocols_on_real_checkpoints(world, tm
     for trial in report["per_trial"]:
         site, want = trial["site_probe"], trial["site_probe"]["converged"]
         assert site["rows"] > 0 and site["features"] > 0 and set(site) >= {"exact", "fast", "converged"}
-        assert site["fast"]["C"] == want["C"] and site["fast"]["cv_bacc"] == pytest.approx(want["cv_bacc"], abs=1e-9)
+        assert site["fast"]["C"] == want["C"], site
         assert site["fast"]["max_coef_diff"] <= 1e-2 * max(1.0, want["max_abs_coef"]), site
+        # not the CV BAcc: 24 rows over 3 sites, folds of ~5, C 0.01 and nearly tied logits; two solutions
+        # within the tolerance can send a held-out subject either way (measured: 0.03 and 0.1 apart)
