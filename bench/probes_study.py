@@ -25,11 +25,13 @@ Run: ``python bench/probes_study.py STUDY_DIR --out docs/measurements/probes_stu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ def last_checkpoints(study_dir: Path) -> list[dict[str, Any]]:
             for r in last.itertuples()]
 
 
-def evaluate_both(checkpoint: str, protocols: tuple[str, ...] = ("exact", "fast")) -> dict[str, Any]:
+def evaluate_both(checkpoint: str) -> dict[str, Any]:
     """The checkpoint's model evaluated with each protocol by the trial's own evaluator."""
     from brainage_core.config import config_from_dict
     from brainage_core.data.sources import resolve_store
@@ -66,7 +68,7 @@ def evaluate_both(checkpoint: str, protocols: tuple[str, ...] = ("exact", "fast"
     evaluator = Evaluator(store, cfg.evaluation, train_on=cfg.training.train_on, seed=cfg.training.seed)
     load_estimators()
     out: dict[str, Any] = {}
-    for protocol in protocols:
+    for protocol in ("exact", "fast"):
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = evaluator.evaluate(model, "cpu", protocol=protocol)
         out[protocol] = {"metrics": {k: float(metrics[k]) for k in COMPARED if k in metrics},
@@ -74,13 +76,11 @@ def evaluate_both(checkpoint: str, protocols: tuple[str, ...] = ("exact", "fast"
     return out
 
 
-def converged_site_probe(checkpoint: str) -> dict[str, Any]:
-    """The site probe on the checkpoint's training features: exact, fast and scikit-learn converged."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
+@contextlib.contextmanager
+def site_probe_features() -> Iterator[dict[str, np.ndarray]]:
+    """Within it, the evaluator's site-probe fits record their training features and sites (the last fit's)."""
     import brainage_core.evaluation.evaluator as evaluator_module
-    from brainage_core.evaluation import SITE_CS, fit_site_probe
+    from brainage_core.evaluation import fit_site_probe
 
     captured: dict[str, np.ndarray] = {}
 
@@ -91,10 +91,18 @@ def converged_site_probe(checkpoint: str) -> dict[str, Any]:
 
     evaluator_module.fit_site_probe = capture
     try:
-        evaluate_both(checkpoint, protocols=("fast",))
+        yield captured
     finally:
         evaluator_module.fit_site_probe = fit_site_probe
-    X, sites = captured["X"], captured["sites"]
+
+
+def converged_site_probe(X: np.ndarray, sites: np.ndarray) -> dict[str, Any]:
+    """The site probe on training features ``X`` (n, p): exact, fast and scikit-learn converged."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from brainage_core.evaluation import SITE_CS, fit_site_probe
+
     eig = np.linalg.eigvalsh(np.cov(X.T))
     out: dict[str, Any] = {"rows": X.shape[0], "features": X.shape[1], "sites": int(np.unique(sites).size),
                            "mean_row_norm": float(np.linalg.norm(X, axis=1).mean()),
@@ -139,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(10 for the rank correlation the issue asks for)")
     started = time.perf_counter()
     for i, trial in enumerate(trials, 1):
-        trial.update(evaluate_both(trial["checkpoint"]))
+        with site_probe_features() if args.converged else contextlib.nullcontext({}) as features:
+            trial.update(evaluate_both(trial["checkpoint"]))  # features: its fast evaluation's, with --converged
         print(f"[probes-study] {i}/{len(trials)} trial {trial['trial_id']}: exact {trial['exact']['cpu_s']:.1f} "
               f"CPU s, fast {trial['fast']['cpu_s']:.1f} CPU s", flush=True)
         if args.converged:
-            c = trial["site_probe"] = converged_site_probe(trial["checkpoint"])
+            c = trial["site_probe"] = converged_site_probe(features["X"], features["sites"])
             print(f"[probes-study]   site probe: exact C {c['exact']['C']:g} CV BAcc {c['exact']['cv_bacc']:.4f} "
                   f"({c['exact']['cpu_s']:.1f} s), fast C {c['fast']['C']:g} {c['fast']['cv_bacc']:.4f} "
                   f"({c['fast']['cpu_s']:.1f} s), converged C {c['converged']['C']:g} {c['converged']['cv_bacc']:.4f} "

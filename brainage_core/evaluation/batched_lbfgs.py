@@ -116,7 +116,6 @@ def batched_lbfgs(batch: BatchedProblems, n_problems: int, shape: tuple[int, int
     x = torch.zeros(B, D, dtype=dt, device=dev) if x0 is None else x0.reshape(B, D).to(dt).clone()
     batch.record_curvature = True
     f, g = batch.value_grad(x.view(B, *shape), everyone)
-    batch.refresh_preconditioner(everyone)
     g = g.reshape(B, D)
     S = torch.zeros(history, B, D, dtype=dt, device=dev)  # steps
     Y = torch.zeros(history, B, D, dtype=dt, device=dev)  # gradient changes
@@ -128,6 +127,8 @@ def batched_lbfgs(batch: BatchedProblems, n_problems: int, shape: tuple[int, int
     iters = np.zeros(B, dtype=np.int64)
     gmax = batch.gradient_max_norm(g.view(B, *shape), everyone)
     active = gmax > gtol
+    if bool(active.any()):  # a phase that only checks a handed-over solution (float64 after float32) skips it
+        batch.refresh_preconditioner(everyone)
     best = gmax.clone()
     stale = torch.zeros(B, dtype=torch.int64, device=dev)  # iterations since the gradient's last new low
     for it in range(max_iter):
