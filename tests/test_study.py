@@ -4,7 +4,8 @@ One Ray for the whole module (started here, num_cpus=4 logical, dashboard on); e
 ``python -m study.run`` process that joins it through RAY_ADDRESS, so that the driver can be killed.
 Faults are deterministic test hooks (tests/fault_site/fault_hooks.py): BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS
 (installed in the driver, started with study_fixtures.fault_env) and BRAINAGE_FAULT_KILL_AT_EPOCH / _RANK /
-_ONCE_FILE / _SLOW_EPOCH_S (installed in the test Ray's workers by study_fixtures.start_test_ray).
+_ONCE_FILE (installed in the test Ray's workers by study_fixtures.start_test_ray). The DDP trials' reuse of one
+trial process and ASHA's aborts are checked on an object store (tests/test_study_object_store.py).
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ EXPECTED_COLUMNS = {"trial_id", "param.loss.temperature", "epoch", "train_loss",
                     "compute_s", "seed", "store_fingerprint", "git_commit", "versions", "protocol"}
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
-
-#: the fast probes at the last evaluation too, for the studies that do not check the exact protocol
-#: (the smoke study does): the exact grid-searched probes cost seconds per trial
-FAST = "evaluation.final_protocol=fast"
 
 
 @pytest.fixture(scope="module")
@@ -140,50 +137,6 @@ def test_smoke_study_with_ddp_trials_a_killed_worker_and_a_killed_driver(ray_add
     assert len(runs) >= 2, runs
     assert all(len(a.get("workers", [])) == 2 for r in runs for a in r["attempts"]), runs
     assert max(len(r["attempts"]) for r in runs) == 2, [len(r["attempts"]) for r in runs]
-
-
-def _trial_pids(study_dir: Path) -> dict[str, int]:
-    pids = {}
-    for result_file in (study_dir / "tune").glob("*/result.json"):
-        first = json.loads(result_file.read_text().splitlines()[0])
-        pids[first["trial_id"]] = first["pid"]
-    return pids
-
-
-def test_ddp_trials_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, cache, tmp_path):
-    """DDP trials run one after another in one reused trial process (study.train_run); a trial that ASHA
-    stops has its Train run aborted (it trains no further), and the next trial still starts cleanly. What
-    ASHA stopped reaches Optuna as PRUNED, with its intermediate values, the others as COMPLETE."""
-    epochs = 4  # ASHA rungs at epochs 1 and 2 (grace 1, factor 2): the stops happen there
-    trials = 2  # one trial process, reused once; with study.seed 3 the second trial is stopped at the first rung
-    # (its epoch-1 val_mae_ext 14.4 against the first trial's 12.9, measured)
-    # Epochs of >= 1 s (test hook): a stopped run that went on would reach the last epoch.
-    proc = run_study(ray_address, cache, tmp_path, "--name", "reuse", f"study.num_samples={trials}", "study.seed=3",
-                     f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}", FAST,
-                     env={"BRAINAGE_FAULT_SLOW_EPOCH_S": "1.0"})
-    assert proc.returncode == 0, show(proc)
-    assert "reset_config" not in proc.stdout + proc.stderr, show(proc)
-    study_dir = tmp_path / "reuse"
-    df = pd.read_parquet(study_dir / "results.parquet")
-    status = df.groupby("trial_id")["status"].last()
-    assert len(status) == trials and set(status) <= {"completed", "pruned"}, status.to_dict()
-    assert (status == "pruned").any(), "expected ASHA to stop a trial of this seeded study"
-    assert ((status == "pruned") == (df.groupby("trial_id")["epoch"].max() < epochs)).all()
-    by_state = {t.number: t for t in optuna_trials(study_dir, "reuse")}
-    assert len(by_state) == trials
-    pruned = [t for t in by_state.values() if t.state == optuna.trial.TrialState.PRUNED]
-    complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(pruned) == (status == "pruned").sum() and len(complete) == (status == "completed").sum()
-    assert all(t.intermediate_values for t in pruned)
-    pids = _trial_pids(study_dir)
-    assert len(pids) == trials and len(set(pids.values())) == 1, pids  # one trial process for all of them
-    for trial_id in status[status == "pruned"].index:
-        log_file = study_dir / "trials" / trial_id / "train_log.jsonl"
-        log = [json.loads(line) for line in log_file.read_text().splitlines()]
-        reported = int(df[df["trial_id"] == trial_id]["epoch"].max())
-        # aborted: at most the epoch in flight when Tune's decision arrived (and one more on a busy machine)
-        trained = max(r["epoch"] for r in log)
-        assert trained <= min(reported + 2, epochs - 1), (trial_id, reported, [r["epoch"] for r in log])
 
 
 def _descendants(pid: int) -> set[int]:

@@ -7,7 +7,8 @@ only through the study's forwarding of AWS_* (as on a real cluster); each study 
 ``python -m study.run`` process joining it through RAY_ADDRESS. The smoke study runs in-trial
 (num_workers 1, 2 trials of 2 epochs; the first trial's process kills itself at epoch 2 and restarts from
 its checkpoint in the bucket) and is then resumed, read by the loader, the report, the export and
-final.py; one DDP trial (2 workers) checks Train's storage on S3. About 2 minutes on a loaded 2-core machine.
+final.py (2 seeds: the final rows and their intervals); a DDP study (2 workers, 2 trials in one reused trial
+process, ASHA stopping one) checks Train's storage on S3. About 3 minutes on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -26,6 +28,8 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from scipy import stats
 from study_fixtures import shared_store_cache, start_test_ray
 
 from brainage_core.errors import ConfigError, DataError
@@ -308,36 +312,106 @@ def test_loader_and_export_read_the_bucket(s3_study, cache, tmp_path):
         load_submission(f"s3://{BUCKET}/submissions/none")
 
 
-def test_ddp_trial_on_s3(ray_address, cache, tmp_path):
-    proc = run_study(ray_address, cache, tmp_path, "study.num_samples=1", FAST, "--storage", STORAGE,
-                     "--name", "s3ddp")
+def test_ddp_trials_on_s3_reuse_one_process_and_asha_aborts_stopped_runs(ray_address, cache, tmp_path):
+    """DDP trials with their study folder on S3 (Train's storage in the bucket), run one after another in one
+    reused trial process (study.train_run); a trial that ASHA stops has its Train run aborted (it trains no
+    further), and the next trial still starts cleanly. What ASHA stopped reaches Optuna as PRUNED, with its
+    intermediate values, the others as COMPLETE. (One study for both: it was two, one per behaviour.)"""
+    epochs = 4  # ASHA rungs at epochs 1 and 2 (grace 1, factor 2): the stops happen there
+    trials = 2  # one trial process, reused once; with study.seed 3 the second trial is stopped at the first rung
+    # (its epoch-1 val_mae_ext 14.4 against the first trial's 12.9, measured)
+    # Epochs of >= 1 s (test hook, in the test Ray's workers): a stopped run that went on would reach the last epoch.
+    proc = run_study(ray_address, cache, tmp_path, f"study.num_samples={trials}", "study.seed=3",
+                     f"training.epochs={epochs}", "study.asha={grace_period: 1, reduction_factor: 2}", FAST,
+                     "--storage", STORAGE, "--name", "s3ddp", env={"BRAINAGE_FAULT_SLOW_EPOCH_S": "1.0"})
     assert proc.returncode == 0, show(proc)
+    assert "reset_config" not in proc.stdout + proc.stderr, show(proc)
+    assert list(tmp_path.iterdir()) == []  # nothing written beside the bucket
     prefix = f"{BUCKET}/studies/s3ddp"
-    df = pd.read_parquet(io.BytesIO(read_object(f"{prefix}/results.parquet")))
-    assert df["epoch"].tolist() == [1, 2] and (df["status"] == "completed").all()
-    assert (df["compute_s"] - 2 * df["wall_s"]).abs().max() < 1e-6
     keys = objects(prefix)
-    path = df["checkpoint_path"].dropna().iloc[-1]
-    assert path.startswith(f"{STORAGE}/s3ddp/train_runs/trial_"), path
-    assert f"{path.removeprefix('s3://')}/checkpoint.pt" in keys
-    trial_id = df["trial_id"].iloc[0]
-    log = read_object(f"{prefix}/trials/{trial_id}/train_log.jsonl").decode().splitlines()
-    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
-    assert list(tmp_path.iterdir()) == []
+    df = pd.read_parquet(io.BytesIO(read_object(f"{prefix}/results.parquet")))
+    assert (df["compute_s"] - 2 * df["wall_s"]).abs().max() < 1e-6  # 2 DDP workers
+    status = df.groupby("trial_id")["status"].last()
+    assert len(status) == trials and set(status) <= {"completed", "pruned"}, status.to_dict()
+    assert (status == "pruned").any(), "expected ASHA to stop a trial of this seeded study"
+    assert ((status == "pruned") == (df.groupby("trial_id")["epoch"].max() < epochs)).all()
+    # each trial's last checkpoint: written by its Train run, in the bucket
+    for path in df.sort_values("epoch").groupby("trial_id")["checkpoint_path"].last():
+        assert path.startswith(f"{STORAGE}/s3ddp/train_runs/trial_"), path
+        assert f"{path.removeprefix('s3://')}/checkpoint.pt" in keys
+    db = cache / "check-s3ddp-optuna.db"
+    db.write_bytes(read_object(f"{prefix}/optuna.db"))
+    by_state = {t.number: t for t in optuna.load_study(study_name="s3ddp", storage=f"sqlite:///{db}").get_trials()}
+    assert len(by_state) == trials
+    pruned = [t for t in by_state.values() if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) == (status == "pruned").sum() and len(complete) == (status == "completed").sum()
+    assert all(t.intermediate_values for t in pruned)
+    pids = {}  # the trial process of each trial, from the first line of Tune's result.json in the bucket
+    for key in keys:
+        if key.startswith(f"{prefix}/tune/") and key.endswith("/result.json"):
+            first = json.loads(read_object(key).decode().splitlines()[0])
+            pids[first["trial_id"]] = first["pid"]
+    assert len(pids) == trials and len(set(pids.values())) == 1, pids  # one trial process for all of them
+    for trial_id in status.index:
+        # what the trial trained: its log in the node-local work folder of a study on an object store
+        # (study.trial.TrialSpec.work_dir); the bucket has the log as of the trial's last report
+        local = list((Path(tempfile.gettempdir()) / "brainage-study-trials").glob(f"*/{trial_id}/train_log.jsonl"))
+        assert len(local) == 1, local
+        trained = [json.loads(line)["epoch"] for line in local[0].read_text().splitlines()]
+        published = read_object(f"{prefix}/trials/{trial_id}/train_log.jsonl").decode().splitlines()
+        reported = int(df[df["trial_id"] == trial_id]["epoch"].max())
+        assert [json.loads(line)["epoch"] for line in published] == trained[:len(published)] == list(
+            range(1, len(published) + 1)) and len(published) >= reported, (trial_id, trained, len(published))
+        if status[trial_id] == "completed":
+            assert trained == list(range(1, epochs + 1)), (trial_id, trained)
+        else:  # aborted: at most the epoch in flight when Tune's decision arrived (and one more on a busy machine)
+            assert max(trained) <= min(reported + 2, epochs - 1), (trial_id, reported, trained)
 
 
-def test_final_on_the_bucket(s3_study, ray_address, cache):
+def test_final_on_the_bucket_writes_final_rows_with_intervals(s3_study, ray_address, cache):
+    """study/final.py on the bucket's study (the best trial, 2 seeds): the final rows join the study's
+    results.parquet in the bucket beside its search rows, and final.parquet / final_summary.csv hold their
+    t-intervals. (The local study's final.py was tests/test_smoke_study.py's; one run checks both.)"""
+    from analysis.loader import load_studies
+    from study.final import select_top
+
     StudyFolder(s3_study["uri"]).clear_mirror()
+    prefix = s3_study["prefix"]
+    search = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
+    best = select_top(search, "val_mae_ext", "min", 1)["trial_id"].iloc[0]
+    epochs = yaml.safe_load(read_object(f"{prefix}/config.yaml"))["training"]["epochs"]
     env = {**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "study" / "final.py"), s3_study["uri"], "--top-k", "1",
-                           "--seeds", "1"], cwd=s3_study["cwd"], env=env, capture_output=True, text=True, timeout=400)
+                           "--seeds", "2"], cwd=s3_study["cwd"], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, show(proc)
-    prefix, keys = s3_study["prefix"], objects(s3_study["prefix"])
-    summary = pd.read_csv(io.BytesIO(read_object(f"{prefix}/final_summary.csv")))
-    assert len(summary) == 1 and summary["n_seeds"].tolist() == [1]
+    assert "[final] #1" in proc.stdout, show(proc)
+    keys = objects(prefix)
     assert f"{prefix}/final.parquet" in keys and f"{prefix}/final_summary.csv" in keys
     assert any(k.startswith(f"{prefix}/final/final-") for k in keys)  # the Tune run is on the bucket
+    assert list(s3_study["cwd"].iterdir()) == []
+
     df = pq.read_table(f"{prefix}/results.parquet", filesystem=s3fs()).to_pandas()
     final = df[df["status"] == "final"]
-    assert len(final) == 1 and final["test_mae_ext"].notna().all()
-    assert (df["status"] == "completed").sum() == 4  # the study's rows are kept
+    assert len(df) == len(search) + 2 and (df["status"] == "completed").sum() == 4  # the search rows are kept
+    assert len(final) == 2 and final["final"].astype(bool).all() and (final["kind"] == "final").all()
+    assert sorted(final["seed"]) == [0, 1] and (final["source_trial_id"] == best).all()
+    assert (final["epoch"] == epochs).all()  # the same budget as the search
+    source_t = search.loc[search["trial_id"] == best, "param.loss.temperature"].iloc[0]
+    assert (final["param.loss.temperature"] == source_t).all()
+    for m in ("test_mae_int", "test_mae_ext", "test_bacc"):
+        assert final[m].notna().all(), m
+    assert final["val_mae_ext"].isna().all()  # trained on the whole training split: no validation data
+    assert final["trial_id"].nunique() == 2 and not set(final["trial_id"]) & set(search["trial_id"])
+
+    table = pq.read_table(f"{prefix}/final.parquet", filesystem=s3fs()).to_pandas()
+    summary = table[table["kind"] == "summary"]
+    assert len(summary) == 1 and summary["n_seeds"].iloc[0] == 2
+    values = final["test_mae_ext"].to_numpy()
+    low, high = stats.t.interval(0.95, 1, loc=values.mean(), scale=stats.sem(values))
+    row = summary.iloc[0]
+    assert row["test_mae_ext_mean"] == pytest.approx(values.mean())
+    assert (row["test_mae_ext_ci95_low"], row["test_mae_ext_ci95_high"]) == pytest.approx((low, high))
+    csv = pd.read_csv(io.BytesIO(read_object(f"{prefix}/final_summary.csv")))
+    assert len(csv) == 1 and csv["n_seeds"].tolist() == [2]
+    assert int(load_studies([s3_study["uri"]])["final"].sum()) == 2
