@@ -51,9 +51,7 @@ def cache(tmp_path_factory, store_cache):
 
 
 def run_study(ray_address, cache, storage, *args, env=None, timeout=600):
-    full_env = fault_env({**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache),
-                          # Save Tune's experiment state at every step, so where a killed driver stopped is exact.
-                          "TUNE_GLOBAL_CHECKPOINT_S": "0", **(env or {})})
+    full_env = fault_env({**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache), **(env or {})})
     cmd = [sys.executable, "-m", "study.run", str(SMOKE), "--storage", str(storage), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc
@@ -78,8 +76,11 @@ def test_smoke_study_with_ddp_trials_a_killed_worker_and_a_killed_driver(ray_add
       restored from its epoch-1 checkpoint."""
     once = tmp_path / "fault-fired"
     killed = run_study(ray_address, cache, tmp_path, "--name", "smoke",
-                       env={"BRAINAGE_FAULT_KILL_AT_EPOCH": "2", "BRAINAGE_FAULT_RANK": "1",
-                            "BRAINAGE_FAULT_ONCE_FILE": str(once), "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS": "3"})
+                       # TUNE_GLOBAL_CHECKPOINT_S=0: Tune saves its experiment state at every step, so where the
+                       # killed driver stopped is exact (the other studies keep Tune's period: fewer writes)
+                       env={"TUNE_GLOBAL_CHECKPOINT_S": "0", "BRAINAGE_FAULT_KILL_AT_EPOCH": "2",
+                            "BRAINAGE_FAULT_RANK": "1", "BRAINAGE_FAULT_ONCE_FILE": str(once),
+                            "BRAINAGE_FAULT_KILL_DRIVER_AFTER_RESULTS": "3"})
     assert killed.returncode == -signal.SIGKILL, show(killed)
     assert once.exists()  # the worker of rank 1 did kill itself at the start of epoch 2
     study_dir = tmp_path / "smoke"
