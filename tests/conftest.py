@@ -1,7 +1,7 @@
 """Session-wide test settings shared by every test module.
 
-Ray's CI settings from ray-notes.md are set before anything imports Ray; torch runs single-threaded
-so that tests behave the same on the 2-core CI machine whatever else is running.
+Ray's CI settings from docs/ray-notes.md (and Ray's metrics off) are set before anything imports Ray; torch
+runs single-threaded so that tests behave the same on the 2-core CI machine whatever else is running.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ for _key, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # No Ray metrics in the tests' Rays (nothing here reads them): one exporter thread fewer in every Ray process,
+    # and no repeat of a study driver's SIGSEGV in that thread (OpenTelemetry's TemporalMetricStorage::buildMetrics,
+    # once in session 13's clean-clone runs, before any trial ran; a Ray-internal race).
+    "RAY_enable_metrics_collection": "0",
     "OMP_NUM_THREADS": "1",
     "MPLBACKEND": "Agg",
 }.items():
