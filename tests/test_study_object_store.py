@@ -123,9 +123,16 @@ def read_object(key: str) -> bytes:
         return f.read()
 
 
+def optuna_trials(prefix: str, name: str, cache: Path) -> list:
+    """The trials of the Optuna snapshot that the study ``name`` keeps in the bucket (``prefix/optuna.db``)."""
+    db = cache / f"check-{name}-optuna.db"
+    db.write_bytes(read_object(f"{prefix}/optuna.db"))
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+
+
 def run_study(ray_address, cache, cwd, *args, env=None, timeout=400):
     # Tune's own period for its experiment-state snapshots (no TUNE_GLOBAL_CHECKPOINT_S=0: no driver is killed
-    # here; a snapshot at every step, each uploaded to the bucket, cost this module ~40 CPU-seconds per study)
+    # here; a snapshot at every step, each an upload to the bucket, cost the DDP study 40-55 CPU-seconds)
     full_env = {**os.environ, "RAY_ADDRESS": ray_address, "BRAINAGE_CACHE": str(cache), "PYTHONPATH": str(ROOT),
                 **(env or {})}
     cmd = [sys.executable, "-m", "study.run", str(SMOKE), *args]
@@ -255,9 +262,7 @@ def test_study_writes_its_folder_to_the_bucket(s3_study, cache):
         metrics = read_object(f"{prefix}/trials/{trial_id}/metrics.jsonl").decode().splitlines()
         assert len(metrics) == 2
     # the Optuna snapshot in the bucket is the study
-    db = cache / "check-optuna.db"
-    db.write_bytes(read_object(f"{prefix}/optuna.db"))
-    trials = optuna.load_study(study_name="s3smoke", storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+    trials = optuna_trials(prefix, "s3smoke", cache)
     assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     last = df[df["epoch"] == 2].sort_values("param.loss.temperature")
     assert sorted(t.value for t in trials) == pytest.approx(sorted(last["val_mae_ext"]))
@@ -341,9 +346,7 @@ def test_ddp_trials_on_s3_reuse_one_process_and_asha_aborts_stopped_runs(ray_add
     for path in df.sort_values("epoch").groupby("trial_id")["checkpoint_path"].last():
         assert path.startswith(f"{STORAGE}/s3ddp/train_runs/trial_"), path
         assert f"{path.removeprefix('s3://')}/checkpoint.pt" in keys
-    db = cache / "check-s3ddp-optuna.db"
-    db.write_bytes(read_object(f"{prefix}/optuna.db"))
-    by_state = {t.number: t for t in optuna.load_study(study_name="s3ddp", storage=f"sqlite:///{db}").get_trials()}
+    by_state = {t.number: t for t in optuna_trials(prefix, "s3ddp", cache)}
     assert len(by_state) == trials
     pruned = [t for t in by_state.values() if t.state == optuna.trial.TrialState.PRUNED]
     complete = [t for t in by_state.values() if t.state == optuna.trial.TrialState.COMPLETE]
