@@ -10,6 +10,7 @@ for the two-loop recursion; the line search below.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -24,7 +25,8 @@ ARMIJO = 1e-4
 APPROX_WOLFE_EPS = 1e-6
 WOLFE_DELTA = 0.1
 WOLFE_SIGMA = 0.9
-#: The preconditioner is refactored after the first iterations, then every few (:func:`_refresh_due`)
+#: The default schedule: the preconditioner is refactored after the first iterations, then every few
+#: (:func:`refresh_early_then_every_few`)
 CURVATURE_REFRESH_FIRST = 4
 CURVATURE_REFRESH_EVERY = 8
 
@@ -91,7 +93,7 @@ def line_search(batch: BatchedProblems, idx: torch.Tensor, shape: tuple[int, int
     return x_new, f_new, g_new, pending
 
 
-def _refresh_due(iteration: int) -> bool:
+def refresh_early_then_every_few(iteration: int) -> bool:
     """Whether the preconditioner is refactored after this iteration: early, while the class probabilities
     move most, then every ``CURVATURE_REFRESH_EVERY`` iterations (a refactoring costs about one evaluation)."""
     return iteration < CURVATURE_REFRESH_FIRST or iteration % CURVATURE_REFRESH_EVERY == 0
@@ -99,9 +101,12 @@ def _refresh_due(iteration: int) -> bool:
 
 def batched_lbfgs(batch: BatchedProblems, n_problems: int, shape: tuple[int, int], *, gtol: float,
                    max_iter: int, history: int = LBFGS_HISTORY, x0: torch.Tensor | None = None,
-                   patience: int | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                   patience: int | None = None,
+                   refresh_due: Callable[[int], bool] = refresh_early_then_every_few,
+                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Minimise every problem of ``batch`` from ``x0`` (B, *shape) or zero, with :meth:`BatchedProblems.precondition`
-    (scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0. Returns parameters (B, *shape), the
+    (scaled by gamma = sᵀy / yᵀH0y) as the initial inverse Hessian H0, factored at the start and after each
+    iteration ``i`` (1, 2, ...) for which ``refresh_due(i)``. Returns parameters (B, *shape), the
     final gradient max-norms (B,) (:meth:`BatchedProblems.gradient_max_norm`) and the iterations used (B,).
     A problem stops once
     its gradient max-norm is <= ``gtol``, after ``max_iter`` iterations, when its line search can no longer
@@ -135,7 +140,7 @@ def batched_lbfgs(batch: BatchedProblems, n_problems: int, shape: tuple[int, int
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
-        batch.record_curvature = _refresh_due(it + 1)
+        batch.record_curvature = refresh_due(it + 1)
         # two-loop recursion over the stored pairs, newest first
         q = -g
         slots = [(it - 1 - j) % history for j in range(min(it, history))]

@@ -206,7 +206,7 @@ def fit_site_probe(
             f"shuffled {n_splits}-fold search instead of stratified"
         )
     if protocol == "fast":
-        from brainage_core.evaluation.fast_logistic import LOGISTIC_GTOL, fast_logistic_search
+        from brainage_core.evaluation.fast_logistic import LOGISTIC_CV_GTOL, LOGISTIC_GTOL, fast_logistic_search
         from brainage_core.evaluation.fast_probes import kfold_indices, stratified_kfold_indices
 
         folds = (
@@ -217,8 +217,9 @@ def fit_site_probe(
         result = fast_logistic_search(_fast_input(X, device, original), sites, SITE_CS, folds)
         if not result.converged:
             notes.append(
-                f"L-BFGS stopped short of convergence (gradient max-norm {result.max_gradient:.2g} > "
-                f"{LOGISTIC_GTOL:g} after {result.iterations} iterations) for some fits"
+                f"L-BFGS stopped short of convergence (gradient max-norm: the model {result.max_gradient:.2g}, "
+                f"tolerance {LOGISTIC_GTOL:g}; the fold fits {result.max_cv_gradient:.2g}, tolerance "
+                f"{LOGISTIC_CV_GTOL:g}; at most {result.iterations} iterations)"
             )
         return FittedProbe(result.model, {"C": result.best_c}, result.best_score, "; ".join(notes) or None, protocol)
 
