@@ -125,6 +125,34 @@ def test_fast_logistic_reaches_scikit_learns_converged_solution(k):
     np.testing.assert_array_equal(probe.predict(X), est.predict(X))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_logistic_close_calls_are_scored_at_the_converged_fits(seed):
+    """Random labels with nearly as many features as rows: every C scores within a few points, and the fold
+    fits at scikit-learn's default tolerance alone choose another C than converged fits do (on these seeds)."""
+    rng = np.random.default_rng(seed)
+    X, sites = rng.normal(size=(120, 80)), rng.integers(0, 3, 120)
+    want = sk_logistic(X, sites, StratifiedKFold(5))
+    result = fast_logistic_search(torch.as_tensor(X), sites, SITE_CS, fp.stratified_kfold_indices(sites, 5))
+    assert result.refined == list(SITE_CS) and result.converged
+    np.testing.assert_allclose(result.mean_scores, want.cv_results_["mean_test_score"], atol=1e-12)
+    assert result.best_c == want.best_params_["C"]
+
+
+@pytest.mark.parametrize("preconditioner", ["class blocks", "Kronecker factors"])
+def test_fast_logistic_model_converges_under_either_preconditioner(preconditioner, monkeypatch):
+    from brainage_core.evaluation import fast_logistic
+
+    if preconditioner == "Kronecker factors":
+        monkeypatch.setattr(fast_logistic, "CLASS_BLOCKS_MAX_FEATURES", 0)
+    assert fast_logistic._class_blocks_pay(4, torch.device("cpu")) == (preconditioner == "class blocks")
+    X, sites = site_problem(n=240, k=4, seed=6, sep=1.5)
+    want = sk_logistic(X, sites, StratifiedKFold(5))
+    probe = fit_site_probe(X, sites, protocol="fast")
+    assert probe.param["C"] == want.best_params_["C"]
+    np.testing.assert_allclose(probe.estimator.coef_, want.best_estimator_.coef_, atol=1e-3)
+    np.testing.assert_array_equal(probe.predict(X), want.best_estimator_.predict(X))
+
+
 def degenerate_site_features(case):
     X, sites = site_problem(n=90, p=5, k=3, seed=2, sep=0.8)
     if case == "a constant feature":
