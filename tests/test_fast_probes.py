@@ -138,6 +138,21 @@ def test_fast_logistic_close_calls_are_scored_at_the_converged_fits(seed):
     assert result.best_c == want.best_params_["C"]
 
 
+def test_close_calls_are_refined_until_every_c_near_the_best_is_scored_at_the_tight_tolerance():
+    from brainage_core.evaluation.fast_logistic import _to_refine
+
+    assert _to_refine(np.array([0.5, 0.6, 0.9, 0.7, 0.8]), []) == []  # one C within 0.05 of the best: decided
+    assert _to_refine(np.array([np.nan] * 5), []) == []
+    # bench/probes.py's collinear set: the weakly regularised fits, stopped early, score above their optimum
+    first = np.array([0.5077, 0.5723, 0.5903, 0.6021, 0.6452])
+    assert _to_refine(first, []) == [3, 4]
+    # refined, C = 10 and 100 fall: C = 0.1 and 1 are within the margin of the new best, and refined in turn
+    assert _to_refine(np.array([0.5077, 0.5723, 0.5903, 0.5901, 0.5825]), [3, 4]) == [1, 2]
+    assert _to_refine(np.array([0.5077, 0.5740, 0.5855, 0.5901, 0.5825]), [1, 2, 3, 4]) == []
+    # once any C was refined, a sole contender that was not is refined too
+    assert _to_refine(np.array([0.1, 0.2, 0.9, 0.5, 0.4]), [3, 4]) == [2]
+
+
 @pytest.mark.parametrize("preconditioner", ["class blocks", "Kronecker factors"])
 def test_fast_logistic_model_converges_under_either_preconditioner(preconditioner, monkeypatch):
     from brainage_core.evaluation import fast_logistic

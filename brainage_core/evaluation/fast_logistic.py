@@ -10,8 +10,9 @@ when a fit sees two classes, as scikit-learn does), solved on the per-row-mean s
    scores that C. No fit ever sees a fold's held-out rows: a start from a fit on every row would leak them
    into a fit stopped short of its optimum (measured: mean CV BAcc 0.994 instead of the converged 0.987);
 2. a close call, more than one C within ``LOGISTIC_CV_MARGIN`` of the best score: those C's fold fits are
-   carried on to ``LOGISTIC_GTOL`` and scored again, so that rounding the scoring fits at scikit-learn's
-   tolerance cannot decide between them; C is then chosen by mean score (NaN last, ties to the smaller C);
+   carried on to ``LOGISTIC_GTOL`` and scored again, so that stopping the scoring fits at scikit-learn's
+   tolerance cannot decide between them, and so on until every C within the margin of the best is scored at
+   ``LOGISTIC_GTOL`` (:func:`_to_refine`); C is then chosen by mean score (NaN last, ties to the smaller C);
 3. the probe's model: the chosen C on every row, from the mean of its fold fits, to ``LOGISTIC_GTOL``.
 
 The tolerances apply to the gradient's max-norm on the per-row-mean scale and the original (centred)
@@ -62,8 +63,10 @@ LOGISTIC_GTOL = 1e-6
 LOGISTIC_CV_GTOL = 1e-4
 #: C values whose mean fold score at ``LOGISTIC_CV_GTOL`` is within this much balanced accuracy of the best are
 #: a close call: their fold fits are carried on to ``LOGISTIC_GTOL`` and scored again before C is chosen.
-#: Measured |score at 1e-4 - score at 1e-6|: <= 0.0011 on bench/probes.py's sets, <= 0.016 on random labels
-#: with nearly as many features as rows (the worst case: fits that interpolate, decided by flat directions)
+#: Measured |score at 1e-4 - score at 1e-6|: <= 0.0011 on bench/probes.py's well-conditioned sets, <= 0.016 on
+#: random labels with nearly as many features as rows (fits decided by flat directions), and up to 0.062 on its
+#: ``--collinear 4`` set (eigenvalues over 14 decades), where the weakly regularised fits, stopped early, score
+#: above their optimum: refined, they fall, and the C's then within the margin are refined in turn
 LOGISTIC_CV_MARGIN = 0.05
 LOGISTIC_MAX_ITER = 2000
 #: The float32 phase of a float64 fit hands over to float64 after this many iterations, or once its
@@ -309,6 +312,17 @@ def _contenders(mean_scores: np.ndarray, margin: float = LOGISTIC_CV_MARGIN) -> 
     return [j for j in range(mean_scores.size) if finite[j] and mean_scores[j] >= top - margin]
 
 
+def _to_refine(mean_scores: np.ndarray, refined: list[int], margin: float = LOGISTIC_CV_MARGIN) -> list[int]:
+    """The C indices whose fold fits are to be carried on to ``LOGISTIC_GTOL`` next, given the mean scores so far
+    (those of ``refined`` at that tolerance): on a close call (more than one C within ``margin`` of the best), or
+    once any C has been refined, every C within the margin of the best not refined yet. A refined best can fall
+    below a C that lay outside the margin of its first score, which then is a contender too."""
+    contenders = _contenders(mean_scores, margin)
+    if len(contenders) < 2 and not refined:
+        return []
+    return [j for j in contenders if j not in refined]
+
+
 def _class_blocks_pay(p: int, device: torch.device) -> bool:
     """Whether the model's fit (from the scoring stage's solution to ``LOGISTIC_GTOL``) is preconditioned by
     :class:`_ClassBlockBatch`: building its blocks costs about (p+1)/2 evaluations, against the ~85 more
@@ -448,15 +462,18 @@ def fast_logistic_search(
         iters_all += iters.tolist()
         path[j] = theta
         score(j, theta, present)
-    contenders = _contenders(np.mean(scores, axis=0))
-    if fitted and len(contenders) > 1:  # a close call: those C's fold fits carried on to gtol, and scored again
-        problems = [(g, float(cs[j])) for j in contenders for g in range(1, len(groups))]
+    refined: list[int] = []  # a close call: fold fits carried on to gtol and scored again (_to_refine)
+    while fitted and (todo := _to_refine(np.mean(scores, axis=0), refined)):
+        problems = [(g, float(cs[j])) for j in todo for g in range(1, len(groups))]
+        # Kronecker factors, not class blocks: building (B, K, p+1, p+1) inverses for many problems costs more
+        # than it saves (measured: 25 fold fits on bench/probes.py's `sep` set 5.3 s with blocks, 1.0 s without)
         theta, gmax, iters, present = _solve(X, codes, groups, whitened, problems, K, gtol=gtol, max_iter=max_iter,
-                                             x0=torch.cat([path[j] for j in contenders]), class_blocks=blocks)
+                                             x0=torch.cat([path[j] for j in todo]))
         gmax_tight += gmax.tolist()
         iters_all += iters.tolist()
-        for i, j in enumerate(contenders):
+        for i, j in enumerate(todo):
             score(j, theta[i * len(fitted):(i + 1) * len(fitted)], present[i * len(fitted):(i + 1) * len(fitted)])
+        refined += todo
     mean_scores = np.mean(scores, axis=0)
     best = best_index(mean_scores)
     # the model, started from the mean of the folds' fits at that C (each is nearly the every-row fit)
@@ -474,4 +491,4 @@ def fast_logistic_search(
     max_cv = float(max(gmax_cv, default=0.0))
     converged = max_cv <= cv_gtol and max(gmax_tight, default=0.0) <= gtol and gmax_model <= gtol
     return LogisticSearch(model, float(cs[best]), float(mean_scores[best]), mean_scores, converged, gmax_model,
-                          max_cv, int(max(iters_all)), [float(cs[j]) for j in contenders if len(contenders) > 1])
+                          max_cv, int(max(iters_all)), [float(cs[j]) for j in sorted(refined)])
