@@ -63,7 +63,7 @@ LOGISTIC_GTOL = 1e-6
 LOGISTIC_CV_GTOL = 1e-4
 #: C values whose mean fold score at ``LOGISTIC_CV_GTOL`` is within this much balanced accuracy of the best are
 #: a close call: their fold fits are carried on to ``LOGISTIC_GTOL`` and scored again before C is chosen.
-#: Measured |score at 1e-4 - score at 1e-6|: <= 0.0011 on bench/probes.py's well-conditioned sets, <= 0.016 on
+#: Measured |score at 1e-4 - score at 1e-6|: <= 0.0011 on bench/probes.py's well-conditioned sets, <= 0.02 on
 #: random labels with nearly as many features as rows (fits decided by flat directions), and up to 0.062 on its
 #: ``--collinear 4`` set (eigenvalues over 14 decades), where the weakly regularised fits, stopped early, score
 #: above their optimum: refined, they fall, and the C's then within the margin are refined in turn
