@@ -302,22 +302,17 @@ class _ClassBlockBatch(_LogisticBatch):
         return x.view(b, k, q).permute(0, 2, 1) * self.free[idx, None, :]
 
 
-def _contenders(mean_scores: np.ndarray, margin: float = LOGISTIC_CV_MARGIN) -> list[int]:
-    """Indices of the C values whose mean score is within ``margin`` of the best (none when no score is
-    finite), in the grid's order."""
+def _to_refine(mean_scores: np.ndarray, refined: list[int], margin: float = LOGISTIC_CV_MARGIN) -> list[int]:
+    """The C indices whose fold fits are to be carried on to ``LOGISTIC_GTOL`` next, given the mean scores so far
+    (those of ``refined`` at that tolerance; NaN: not scored): on a close call (more than one C within
+    ``margin`` of the best), or once any C has been refined, every C within the margin of the best not refined
+    yet. A refined best can fall below a C that lay outside the margin of its first score, which then is a
+    contender too."""
     finite = np.isfinite(mean_scores)
     if not finite.any():
         return []
     top = mean_scores[finite].max()
-    return [j for j in range(mean_scores.size) if finite[j] and mean_scores[j] >= top - margin]
-
-
-def _to_refine(mean_scores: np.ndarray, refined: list[int], margin: float = LOGISTIC_CV_MARGIN) -> list[int]:
-    """The C indices whose fold fits are to be carried on to ``LOGISTIC_GTOL`` next, given the mean scores so far
-    (those of ``refined`` at that tolerance): on a close call (more than one C within ``margin`` of the best), or
-    once any C has been refined, every C within the margin of the best not refined yet. A refined best can fall
-    below a C that lay outside the margin of its first score, which then is a contender too."""
-    contenders = _contenders(mean_scores, margin)
+    contenders = [j for j in range(mean_scores.size) if finite[j] and mean_scores[j] >= top - margin]
     if len(contenders) < 2 and not refined:
         return []
     return [j for j in contenders if j not in refined]
