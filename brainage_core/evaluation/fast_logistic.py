@@ -231,9 +231,9 @@ class _LogisticBatch:
 
     def _group_value_grad(self, g: int, theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`value_grad` for problems of group ``g`` only. The logits are laid out classes x rows (b, K,
-        n_g): the GEMMs' short side is then the classes, which a CPU's BLAS handles at full speed for any K
-        (rows x classes with K = 58 ran 15 % slower, K = 2 to 11 up to 8x: docs/probes.md); the CE comes from
-        the same max-shifted exponentials as the probabilities (one pass of ``exp``)."""
+        n_g), which the CPU's BLAS runs faster than rows x classes for most K measured (bench/logit_layout.py,
+        float32: K = 58 1.2x, K = 2 to 11 3.5-5x, K = 16, 64, 100, 128 within 10 %, K = 32 0.8x; float64 faster
+        for every K); the CE comes from the same max-shifted exponentials as the probabilities (one ``exp``)."""
         b, q, k = theta.shape
         Za = self.Za[g]
         n_g = Za.shape[0]
